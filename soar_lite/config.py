@@ -1,0 +1,392 @@
+"""Typed run configuration: defaults -> preset file -> ``key=value`` overrides -> validated dataclasses.
+
+Every setting lives in one dataclass field, so a misspelt key fails loudly (with the valid choices)
+instead of being silently ignored, and cross-field rules live in ``__post_init__``. This module
+knows nothing of torch: the CLI can validate a run before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from soar_lite.errors import UserError
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+BUILTIN = "builtin"
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"{name}={value!r} must be {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model, and how it sits in memory (the frozen part of the run)."""
+
+    path: str = BUILTIN  # diffusers SD3/SD3.5 pipeline folder or hub id; "builtin" = the tiny toy base
+    family: str = "sd3"
+    dtype: str = "float32"  # dtype of the frozen base weights
+    quant: str = "none"
+    gradient_checkpointing: bool = False
+    max_sequence_length: int = 0  # T5 tokens; 0 = the model folder's soar_lite.json or 256
+
+    def __post_init__(self) -> None:
+        _choice("model.family", self.family, ("sd3",))
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _choice("model.quant", self.quant, ("none", "nf4", "int8", "torchao-int8", "torchao-fp8"))
+        _positive("model.max_sequence_length", self.max_sequence_length, allow_zero=True)
+
+
+@dataclass
+class DataConfig:
+    """Where the captioned images are and how they become cached training tensors."""
+
+    path: str = BUILTIN  # folder of images with same-name .txt captions; "builtin" = toy shapes
+    resolution: int = 0  # square training size in pixels; 0 = the model folder's default (or 1024)
+    caption_ext: str = ".txt"
+    default_caption: str = ""
+    cache_dir: str = ""  # "" = OUTPUT/cache
+
+    def __post_init__(self) -> None:
+        _positive("data.resolution", self.resolution, allow_zero=True)
+        if not self.caption_ext.startswith("."):
+            raise UserError(f"data.caption_ext={self.caption_ext!r} must start with '.'")
+
+
+@dataclass
+class LoraConfig:
+    """The trainable adapter. alpha/rank is folded into the saved weights, so loaders agree."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0  # > 0 makes the main-pass reuse inexact: see soar.reuse_main_pass
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out.0",  # image branch (and SD3.5's attn2)
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",  # context branch
+        ]
+    )
+
+    def __post_init__(self) -> None:
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        if not self.targets:
+            raise UserError("lora.targets is empty: name at least one module, e.g. to_q")
+
+
+@dataclass
+class SoarConfig:
+    """The SOAR objective (shared/SOAR.md). lambda_aux = 0 is plain flow-matching SFT."""
+
+    lambda_aux: float = 1.0
+    trajectory_length: int = 6  # K auxiliary points per rollout path
+    num_rollout_paths: int = 1  # M: path 0 is the ODE step, 1..M-1 stochastic
+    sde_rollout_type: str = "flow_sde"
+    sde_noise_scale: float = 0.5
+    cfg_scale_sampling: float = 4.5
+    num_sampling_steps: int = 40
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    cond_dropout_rate: float = 0.0
+    reuse_main_pass: bool = True  # exact while nothing random acts inside the forward
+
+    def __post_init__(self) -> None:
+        _positive("soar.lambda_aux", self.lambda_aux, allow_zero=True)
+        _positive("soar.trajectory_length", self.trajectory_length)
+        _positive("soar.num_rollout_paths", self.num_rollout_paths)
+        _choice("soar.sde_rollout_type", self.sde_rollout_type, ("simple", "sde", "flow_sde", "cps"))
+        _positive("soar.sde_noise_scale", self.sde_noise_scale, allow_zero=True)
+        _positive("soar.num_sampling_steps", self.num_sampling_steps)
+        _choice("soar.weighting_scheme", self.weighting_scheme, ("logit_normal", "mode", "cosmap", "uniform"))
+        _positive("soar.logit_std", self.logit_std)
+        if not 0.0 <= self.cond_dropout_rate <= 1.0:
+            raise UserError(f"soar.cond_dropout_rate={self.cond_dropout_rate!r} must be in [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("optim.optimizer", self.optimizer, ("adamw", "adamw8bit"))
+        _positive("optim.lr", self.lr)
+        _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optim.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _choice(
+            "optim.lr_scheduler",
+            self.lr_scheduler,
+            ("constant", "constant_with_warmup", "linear", "cosine"),
+        )
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+
+
+@dataclass
+class ValidationConfig:
+    """Fixed prompts and seeds sampled every ``every`` steps, so runs can be compared by eye."""
+
+    every: int = 0  # 0 = only at the end
+    prompts: list[str] = field(default_factory=list)  # empty = the first captions of the dataset
+    num_prompts: int = 4
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 4.5
+
+    def __post_init__(self) -> None:
+        _positive("validation.every", self.every, allow_zero=True)
+        _positive("validation.num_prompts", self.num_prompts, allow_zero=True)
+        _positive("validation.steps", self.steps)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Sub-sections are YAML mappings in presets; knobs are ``key=value`` on the CLI."""
+
+    objective: str = "soar"  # sft | soar | both (both = two arms, same data/seeds/steps)
+    steps: int = 100
+    batch_size: int = 4
+    gradient_accumulation: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    checkpoint_every: int = 0  # 0 = no intermediate checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    soar: SoarConfig = field(default_factory=SoarConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+    def __post_init__(self) -> None:
+        _choice("objective", self.objective, ("sft", "soar", "both"))
+        _positive("steps", self.steps)
+        _positive("batch_size", self.batch_size)
+        _positive("gradient_accumulation", self.gradient_accumulation)
+        _choice("mixed_precision", self.mixed_precision, ("no", "bf16", "fp16"))
+        _positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
+        _positive("keep_checkpoints", self.keep_checkpoints)
+        _positive("log_every", self.log_every)
+        if self.soar.reuse_main_pass and self.lora.dropout > 0 and self.objective != "sft":
+            raise UserError(
+                "lora.dropout > 0 makes soar.reuse_main_pass inexact: set soar.reuse_main_pass=false "
+                "or lora.dropout=0"
+            )
+
+    def arm(self, objective: str) -> TrainConfig:
+        """This config for one arm of ``objective=both`` (``sft`` sets lambda_aux to 0)."""
+        return dataclasses.replace(self, objective=objective)
+
+    @property
+    def effective_lambda_aux(self) -> float:
+        """``lambda_aux`` as the objective sees it: SFT is SOAR with lambda 0, bit for bit."""
+        return 0.0 if self.objective == "sft" else self.soar.lambda_aux
+
+
+# ---------------------------------------------------------------- flattening and overrides
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _leaf_paths(cls: type = TrainConfig, prefix: str = "") -> dict[str, Any]:
+    """Every settable key as ``section.name`` -> its annotated type."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for name in _fields(cls):
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            out.update(_leaf_paths(hint, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = hint
+    return out
+
+
+LEAVES = _leaf_paths()
+
+
+def resolve_key(key: str) -> str:
+    """Map a user key to its full dotted path: ``lr`` -> ``optim.lr``, ``optim.lr`` -> itself.
+
+    A bare name resolves when exactly one setting has it, whatever the nesting, so the common
+    knobs (steps, seed, lr, rank, lambda_aux, trajectory_length, resolution, ...) stay short.
+    """
+    if key in LEAVES:
+        return key
+    matches = [path for path in LEAVES if path.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UserError(f"{key!r} is ambiguous; write one of: {', '.join(matches)}")
+    close = difflib.get_close_matches(key, list(LEAVES) + [p.rsplit(".", 1)[-1] for p in LEAVES], n=3)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    raise UserError(f"unknown setting {key!r}{hint}; `soar-lite presets --keys` lists them all")
+
+
+def _convert(path: str, raw: Any, hint: Any) -> Any:
+    """Coerce a preset value or a ``key=value`` string to the field's type, or raise UserError."""
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
+        if hint is float:
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if hint is str:
+            if isinstance(raw, (dict, list)):
+                raise ValueError
+            return str(raw)
+        if origin is list:
+            if isinstance(raw, str):
+                return [item.strip() for item in raw.split(",") if item.strip()]
+            if isinstance(raw, list):
+                return [str(item) for item in raw]
+            raise ValueError
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise AssertionError(f"unhandled type {hint} for {path}")
+    kind = getattr(hint, "__name__", str(hint))
+    raise UserError(f"{path}={raw!r} is not a valid {kind}")
+
+
+def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and any(leaf.startswith(path + ".") for leaf in LEAVES):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name in _fields(cls):
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, values, f"{prefix}{name}.")
+        elif f"{prefix}{name}" in values:
+            kwargs[name] = values[f"{prefix}{name}"]
+    return cls(**kwargs)
+
+
+def build_config(
+    preset_values: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
+    """Defaults, then a preset's (nested) values, then ``key=value`` overrides; validated."""
+    values: dict[str, Any] = {}
+    for key, raw in _flatten(preset_values or {}).items():
+        path = resolve_key(key) if key in LEAVES else _strict_preset_key(key)
+        values[path] = _convert(path, raw, LEAVES[path])
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override {item!r} is not key=value (e.g. steps=200)")
+        path = resolve_key(key.strip())
+        values[path] = _convert(path, raw.strip(), LEAVES[path])
+    return _build(TrainConfig, values)
+
+
+def _strict_preset_key(key: str) -> str:
+    """Preset files must use full paths (they are documentation); only the CLI takes short names."""
+    resolve_key(key)  # raises with suggestions when unknown
+    raise UserError(f"preset key {key!r} must be written in full, as {resolve_key(key)!r}")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """A plain nested dict (for JSON run records and for showing a preset)."""
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------- presets
+
+
+def preset_names() -> list[str]:
+    """The shipped presets, by file stem."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset name (or a path to a user's own preset file)."""
+    candidate = Path(name)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
+    return path
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The raw nested values of a preset (data only, validated when built)."""
+    path = preset_path(name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"preset {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"preset {path} must be a mapping of settings")
+    return data
+
+
+def preset_header(name: str) -> str:
+    """The comment block that opens a preset: the command that runs it and the hardware it assumes."""
+    lines = []
+    for line in preset_path(name).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return "\n".join(lines)
+
+
+def load_config(preset: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    """The validated config of a run: ``preset`` (default ``cpu-tiny``) plus ``key=value`` overrides."""
+    return build_config(load_preset(preset or "cpu-tiny"), overrides)

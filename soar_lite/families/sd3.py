@@ -1,0 +1,229 @@
+"""SD3 / SD3.5 (Medium, Large) as a :class:`~soar_lite.families.base.ModelFamily`.
+
+Parts are loaded one by one so each stage holds only what it needs: the cache stage loads the
+text encoders and the VAE (no transformer: its config alone tells the zero-T5 width), training
+loads the transformer (and the VAE decoder only for validation images). Prompts are encoded by
+the pipeline's own ``encode_prompt``, so cached embeddings are exactly what sampling would feed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from diffusers.configuration_utils import FrozenDict
+from diffusers.utils import logging as diffusers_logging
+from torch import Tensor
+from transformers.utils import logging as transformers_logging
+
+from soar_lite.errors import UserError
+from soar_lite.objective import Cond, NoiseGrid, Velocity
+
+diffusers_logging.set_verbosity_error()  # loading bars per part drown the one bar that matters
+diffusers_logging.disable_progress_bar()
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+class _ConfigOnly(torch.nn.Module):
+    """Stands in for the transformer while encoding prompts: the pipeline reads only its config."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+
+def model_settings(path: str) -> dict[str, Any]:
+    """Settings a model folder carries for soar-lite (``soar_lite.json``: tiny default's sizes)."""
+    file = Path(path) / "soar_lite.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def _check_model_path(path: str) -> None:
+    folder = Path(path)
+    if folder.exists() and not (folder / "model_index.json").is_file():
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    if not folder.exists() and path.count("/") != 1:
+        raise UserError(f"model {path!r} is neither a local folder nor a hub id like org/name")
+
+
+class SD3Family:
+    """SD3/SD3.5 parts on one device. Build with :meth:`load`; missing parts are ``None``."""
+
+    name = "sd3"
+    default_lora_targets = LORA_TARGETS
+
+    def __init__(
+        self,
+        path: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_sequence_length: int,
+        pipe: StableDiffusion3Pipeline,
+        transformer: torch.nn.Module | None,
+    ) -> None:
+        self.path, self.device, self.dtype = path, device, dtype
+        self.max_sequence_length = max_sequence_length
+        self.pipe = pipe
+        self.transformer = transformer
+        self.resolution_multiple = pipe.vae_scale_factor * pipe.patch_size
+
+    @classmethod
+    def load(
+        cls,
+        path: str,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: str = "float32",
+        quant: str = "none",
+        max_sequence_length: int = 0,
+        transformer: bool = True,
+        text_encoders: bool = True,
+        vae: bool = True,
+    ) -> SD3Family:
+        """Load the parts asked for from a pipeline folder or hub id (hub needs network)."""
+        from soar_lite import quant as quantization
+
+        _check_model_path(path)
+        quantization.check_backend(quant, device)
+        torch_dtype = DTYPES[dtype]
+        seq = max_sequence_length or int(model_settings(path).get("max_sequence_length", 256))
+        parts: dict[str, Any] = {"transformer": None}
+        if not vae:
+            parts["vae"] = None
+        if not text_encoders:
+            parts.update(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+        try:
+            index = StableDiffusion3Pipeline.load_config(path)
+            if not text_encoders or index.get("text_encoder_3", [None])[0] is None:
+                parts.update(text_encoder_3=None, tokenizer_3=None)  # absent T5: the pipeline pads zeros
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype, **parts)
+            model = None
+            if transformer:
+                model = SD3Transformer2DModel.from_pretrained(
+                    path,
+                    subfolder="transformer",
+                    dtype=torch_dtype,
+                    quantization_config=quantization.diffusers_config(quant, torch_dtype),
+                )
+                model.requires_grad_(False)
+        except OSError as exc:
+            raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
+        pipe.to(device)
+        stub = _ConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
+        pipe.transformer = stub
+        pipe.patch_size = stub.config["patch_size"]
+        if model is not None and quant in ("none", "torchao-int8", "torchao-fp8"):
+            model.to(device)
+        return cls(path, torch.device(device), torch_dtype, seq, pipe, model)
+
+    # ------------------------------------------------------------------ cache stage
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """CLIP-L + CLIP-G (+ T5 or the pipeline's zero tokens), as StableDiffusion3Pipeline does."""
+        if self.pipe.text_encoder is None:
+            raise RuntimeError("text encoders were not loaded (or were freed after caching)")
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(prompts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Pixels in [-1, 1] -> ``(mode - shift) * scale`` latents (the distribution's mode: cached once)."""
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return (dist.mode() - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def free_encoders(self) -> None:
+        """Drop text encoders and tokenizers; training then holds only the denoiser (and VAE decoder)."""
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            setattr(self.pipe, name, None)
+        if self.pipe.vae is not None:
+            self.pipe.vae.encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ training and sampling
+
+    def velocity(self, transformer: torch.nn.Module) -> Velocity:
+        """The transformer as ``f(latents, timesteps, cond)``."""
+
+        def f(latents: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+            return transformer(
+                hidden_states=latents,
+                timestep=timesteps,
+                encoder_hidden_states=cond["prompt_embeds"],
+                pooled_projections=cond["pooled_prompt_embeds"],
+                return_dict=False,
+            )[0]
+
+        return f
+
+    def noise_grid(self) -> NoiseGrid:
+        return NoiseGrid.from_scheduler(self.pipe.scheduler)
+
+    def sampling_pipeline(self, transformer: torch.nn.Module) -> StableDiffusion3Pipeline:
+        """A diffusers pipeline around ``transformer`` sharing this family's VAE and scheduler config."""
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config),
+            vae=self.pipe.vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
+
+    @torch.no_grad()
+    def sample(
+        self,
+        transformer: torch.nn.Module,
+        cond: Cond,
+        uncond: Cond,
+        *,
+        height: int,
+        width: int,
+        steps: int,
+        guidance_scale: float,
+        generator: torch.Generator,
+    ) -> list[Any]:
+        """PIL images from cached embeddings (no text encoder needed), one per row of ``cond``."""
+        if self.pipe.vae is None:
+            raise RuntimeError("the VAE was not loaded: sampling needs it to decode")
+        n = cond["prompt_embeds"].shape[0]
+        dtype = next(p.dtype for p in transformer.parameters() if p.is_floating_point())
+        pipe = self.sampling_pipeline(transformer)
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(
+            prompt_embeds=cond["prompt_embeds"].to(self.device, dtype),
+            pooled_prompt_embeds=cond["pooled_prompt_embeds"].to(self.device, dtype),
+            negative_prompt_embeds=uncond["prompt_embeds"].expand(n, -1, -1).to(self.device, dtype),
+            negative_pooled_prompt_embeds=uncond["pooled_prompt_embeds"].expand(n, -1).to(self.device, dtype),
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pil",
+        )
+        return out.images

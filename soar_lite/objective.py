@@ -1,0 +1,331 @@
+"""The SOAR objective (shared/SOAR.md), as a pure function of tensors.
+
+The model comes in as a ``velocity(latents, timesteps, cond)`` callable, every random draw comes in
+as a :class:`Draws` (or from a passed generator, in the reference's order), and nothing here knows
+about accelerate, processes, files or logging. Two exact optimisations over the reference:
+
+* per-term backward: the normaliser of step 7 is known before any forward, so each term can be
+  back-propagated (scaled by it) as soon as it is computed, and its graph freed: peak activation
+  memory is one forward's for any K. Pass ``backward=`` to get this; without it the terms are summed
+  into one loss with graph (the joint backward the reference does), and the gradients agree.
+* the main pass's output, detached, is the conditional half of the CFG rollout (no second pass).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from torch import Tensor
+
+from soar_lite.config import SoarConfig
+
+Cond = Mapping[str, Tensor]
+Velocity = Callable[[Tensor, Tensor, Cond], Tensor]
+Backward = Callable[[Tensor, bool], None]  # (scaled term, is_last_term_of_step) -> None
+
+
+@dataclass(frozen=True)
+class NoiseGrid:
+    """The scheduler's training grid: sigmas[i] = shift(1 - i/N), descending from 1; timesteps = N sigmas."""
+
+    sigmas: Tensor
+    timesteps: Tensor
+    shift: float
+
+    @classmethod
+    def from_scheduler(cls, scheduler: object) -> NoiseGrid:
+        """Read a fresh copy of the grid from a diffusers FlowMatchEulerDiscreteScheduler."""
+        fresh = type(scheduler).from_config(scheduler.config)  # set_timesteps() mutates .sigmas
+        return cls(fresh.sigmas.float().clone(), fresh.timesteps.float().clone(), float(fresh.config.shift))
+
+    @property
+    def size(self) -> int:
+        return self.sigmas.shape[0]
+
+    def index_of_time(self, t: Tensor) -> Tensor:
+        """Grid index of an unshifted time t in [0, 1]: clamp(floor((1 - t) N), 0, N - 1)."""
+        return ((1.0 - t) * self.size).floor().long().clamp(0, self.size - 1)
+
+    def index_of_sigma(self, sigma: Tensor) -> Tensor:
+        """Grid index of a continuous sigma: undo the shift to get t, then snap as for t."""
+        t = sigma / (self.shift - (self.shift - 1.0) * sigma)
+        return self.index_of_time(t)
+
+
+@dataclass
+class PathDraws:
+    """Randomness of one rollout path: SDE noise for its active samples (None on the ODE path), aux u's."""
+
+    eps: Tensor | None
+    u: Tensor  # (K, n_active)
+
+
+@dataclass
+class Draws:
+    """Every random draw of one step, so tests can pin them and compare with a plain implementation."""
+
+    z1: Tensor
+    t0: Tensor  # (B,)
+    drop_cond: bool = False
+    paths: list[PathDraws] = field(default_factory=list)
+
+    @classmethod
+    def sample(cls, z0: Tensor, cfg: SoarConfig, grid: NoiseGrid, generator: torch.Generator | None) -> Draws:
+        """Draw in the reference's order: cond drop, z1, t0, the ODE path's u, then per SDE path eps, u."""
+        device, batch = z0.device, z0.shape[0]
+        drop = False
+        if cfg.cond_dropout_rate > 0:
+            drop = bool(torch.rand((), generator=generator, device=device) < cfg.cond_dropout_rate)
+        z1 = torch.randn(z0.shape, generator=generator, device=device, dtype=torch.float32).to(z0.dtype)
+        t0 = sample_times(cfg, batch, generator, device)
+        draws = cls(z1, t0, drop)
+        if cfg.lambda_aux == 0:
+            return draws
+        k = cfg.trajectory_length
+        draws.paths.append(PathDraws(None, torch.rand((k, batch), generator=generator, device=device)))
+        active = int(next_times(t0, cfg).gt(0).sum())
+        for _ in range(1, cfg.num_rollout_paths if active else 1):
+            eps = torch.randn((active, *z0.shape[1:]), generator=generator, device=device)
+            draws.paths.append(PathDraws(eps, torch.rand((k, active), generator=generator, device=device)))
+        return draws
+
+    def select(self, rows: slice, cfg: SoarConfig) -> Draws:
+        """This process's share of a global batch's draws: the same randomness whatever the process count."""
+        picked = torch.zeros(self.t0.shape[0], dtype=torch.bool, device=self.t0.device)
+        picked[rows] = True
+        in_active = picked[next_times(self.t0, cfg) > 0]  # which active samples are ours
+        paths = [
+            PathDraws(None, p.u[:, rows]) if p.eps is None else PathDraws(p.eps[in_active], p.u[:, in_active])
+            for p in self.paths
+        ]
+        return Draws(self.z1[rows], self.t0[rows], self.drop_cond, paths)
+
+
+@dataclass
+class LossReport:
+    """What one step computed. ``loss`` carries the graph only when no ``backward`` was passed."""
+
+    loss: Tensor
+    sum_main: float  # unnormalised sums of the per-sample terms, before lambda and step 7
+    sum_aux: float
+    n_main: int
+    n_aux: int
+    grad_forwards: int
+    nograd_forwards: int
+
+    @property
+    def loss_main(self) -> float:
+        """Mean main (flow-matching) term per sample: comparable between SFT and SOAR runs."""
+        return self.sum_main / max(self.n_main, 1)
+
+    @property
+    def loss_aux(self) -> float:
+        """Mean auxiliary (correction) term per auxiliary point."""
+        return self.sum_aux / max(self.n_aux, 1)
+
+    @property
+    def aux_per_sample(self) -> float:
+        return self.n_aux / max(self.n_main, 1)
+
+
+def sample_times(
+    cfg: SoarConfig, batch: int, generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """t0 from the timestep density, as diffusers' SD3 helper draws it (cosmap/uniform draw uniformly)."""
+    return compute_density_for_timestep_sampling(
+        cfg.weighting_scheme, batch, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, device, generator
+    ).float()
+
+
+def next_times(t0: Tensor, cfg: SoarConfig) -> Tensor:
+    """t1 = max(t0 - 1/num_sampling_steps, 0): one sampler step towards the data."""
+    return (t0 - 1.0 / cfg.num_sampling_steps).clamp_min(0.0)
+
+
+def _bcast(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _weighted_sq_error(pred: Tensor, target: Tensor, weight: Tensor) -> Tensor:
+    """sum over samples of mean over pixels of w (pred - target)^2, in fp32."""
+    err = (pred.float() - target.float()) ** 2 * _bcast(weight.float(), pred.float())
+    return err.reshape(err.shape[0], -1).mean(dim=1).sum()
+
+
+def _index(cond: Cond, idx: Tensor | None) -> Cond:
+    return cond if idx is None else {key: value[idx] for key, value in cond.items()}
+
+
+def stochastic_step(
+    kind: str, zs0: Tensor, v: Tensor, s0: Tensor, s1: Tensor, eps: Tensor, eta: float, sigma_1: float
+) -> Tensor:
+    """One stochastic sampler step (SOAR.md step 5), computed in fp32. ``sigma_1`` = grid sigmas[1]."""
+    zs0, v, eps = zs0.float(), v.float(), eps.float()
+    s0, s1 = _bcast(s0.float(), zs0), _bcast(s1.float(), zs0)
+    dt = s1 - s0
+    x0_hat = zs0 - s0 * v
+    if kind == "simple":
+        return zs0 + v * dt + eta * dt.abs().sqrt() * eps
+    if kind == "sde":
+        return (1 - s1) * x0_hat + s1 * eps
+    if kind == "flow_sde":
+        s0_safe = torch.where(s0 == 1, torch.full_like(s0, sigma_1), s0)
+        std = eta * (s0 / (1 - s0_safe)).sqrt()
+        return (
+            zs0 * (1 + std**2 * dt / (2 * s0))
+            + v * (1 + std**2 * (1 - s0) / (2 * s0)) * dt
+            + std * (-dt).clamp_min(0).sqrt() * eps
+        )
+    if kind == "cps":
+        std = s1 * math.sin(eta * math.pi / 2)
+        n_hat = zs0 + (1 - s0) * v
+        return (1 - s1) * x0_hat + (s1**2 - std**2).clamp_min(0).sqrt() * n_hat + std * eps
+    raise ValueError(f"unknown sde_rollout_type {kind!r}")
+
+
+def count_terms(t0: Tensor, cfg: SoarConfig) -> tuple[int, int]:
+    """(n_main, n_aux) of one step, known before any forward: B and K (B + (M-1) n_active)."""
+    batch = t0.shape[0]
+    if cfg.lambda_aux == 0:
+        return batch, 0
+    active = int(next_times(t0, cfg).gt(0).sum())
+    paths_active = (cfg.num_rollout_paths - 1) * active if active else 0
+    return batch, cfg.trajectory_length * (batch + paths_active)
+
+
+def soar_loss(
+    velocity: Velocity,
+    z0: Tensor,
+    cond: Cond,
+    uncond: Cond,
+    grid: NoiseGrid,
+    cfg: SoarConfig,
+    *,
+    draws: Draws | None = None,
+    generator: torch.Generator | None = None,
+    backward: Backward | None = None,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    world_size: int = 1,
+) -> LossReport:
+    """One SOAR step (SFT when ``cfg.lambda_aux == 0``). See the module docstring for ``backward``.
+
+    ``reduce_sum`` sums the two term counts over processes (one all-reduce, before any forward);
+    the loss is multiplied by ``world_size`` to undo DDP's gradient averaging, as the reference does.
+    """
+    draws = draws or Draws.sample(z0, cfg, grid, generator)
+    if draws.drop_cond:
+        cond = uncond
+    n_main, n_aux = count_terms(draws.t0, cfg)
+    counts = torch.tensor([float(n_main), float(n_aux)], device=z0.device)
+    if reduce_sum is not None:
+        counts = reduce_sum(counts)
+    scale = world_size / max(float(counts[0]) + cfg.lambda_aux * float(counts[1]), 1.0)
+    sigmas, timesteps = grid.sigmas.to(z0.device), grid.timesteps.to(z0.device)
+    terms: list[Tensor] = []
+    last = n_aux == 0
+
+    def emit(term: Tensor, is_last: bool) -> None:
+        if backward is not None:
+            backward(term * scale, is_last)
+        else:
+            terms.append(term * scale)
+
+    # Steps 1-3: the main flow-matching term on the ideal noised state.
+    idx0 = grid.index_of_time(draws.t0.to(z0.device))
+    s0 = sigmas[idx0]
+    zs0 = (1 - _bcast(s0, z0)) * z0 + _bcast(s0, z0) * draws.z1
+    v_main = velocity(zs0, timesteps[idx0], cond)
+    main = _weighted_sq_error(v_main, draws.z1 - z0, compute_loss_weighting_for_sd3(cfg.weighting_scheme, s0))
+    report = LossReport(torch.zeros((), device=z0.device), float(main.detach()), 0.0, n_main, n_aux, 1, 0)
+    emit(main, last)
+    if n_aux:
+        v_cond = v_main.detach() if cfg.reuse_main_pass else None
+        del v_main, main
+        _auxiliary_terms(
+            velocity, z0, zs0.detach(), v_cond, cond, uncond, draws, idx0, grid, cfg, emit, report
+        )
+    report.loss = torch.stack(terms).sum() if terms else report.loss
+    if backward is not None:
+        report.loss = torch.tensor((report.sum_main + cfg.lambda_aux * report.sum_aux) * scale)
+    return report
+
+
+def _rollout(
+    velocity: Velocity,
+    zs0: Tensor,
+    v_cond: Tensor | None,
+    cond: Cond,
+    uncond: Cond,
+    t_model: Tensor,
+    cfg: SoarConfig,
+    report: LossReport,
+) -> Tensor:
+    """CFG velocity with the current (LoRA-on) weights, no graph: steps 4's on-policy prediction."""
+    with torch.inference_mode():
+        v_uncond = velocity(zs0, t_model, uncond)
+        report.nograd_forwards += 1
+        if v_cond is None:
+            v_cond = velocity(zs0, t_model, cond)
+            report.nograd_forwards += 1
+        v_cfg = v_uncond.float() + cfg.cfg_scale_sampling * (v_cond.float() - v_uncond.float())
+    return v_cfg.clone()  # a normal tensor again, usable outside inference mode
+
+
+def _auxiliary_terms(
+    velocity: Velocity,
+    z0: Tensor,
+    zs0: Tensor,
+    v_cond: Tensor | None,
+    cond: Cond,
+    uncond: Cond,
+    draws: Draws,
+    idx0: Tensor,
+    grid: NoiseGrid,
+    cfg: SoarConfig,
+    emit: Callable[[Tensor, bool], None],
+    report: LossReport,
+) -> None:
+    """Steps 4-6: roll out one sampler step, re-noise K points along the same z1, correct back to z0."""
+    sigmas, timesteps = grid.sigmas.to(z0.device), grid.timesteps.to(z0.device)
+    s0 = sigmas[idx0]
+    v_cfg = _rollout(velocity, zs0, v_cond, cond, uncond, timesteps[idx0], cfg, report)
+    t1 = next_times(draws.t0.to(z0.device), cfg)
+    s1 = sigmas[grid.index_of_time(t1)]
+    ode = (zs0.float() + v_cfg * _bcast(s1 - s0, v_cfg)).to(z0.dtype)
+    active = torch.nonzero(t1 > 0).flatten()
+    starts: list[tuple[Tensor, Tensor | None]] = [(ode, None)]
+    for path in draws.paths[1:]:
+        z_sde = stochastic_step(
+            cfg.sde_rollout_type,
+            zs0[active],
+            v_cfg[active],
+            s0[active],
+            s1[active],
+            path.eps,
+            cfg.sde_noise_scale,
+            float(grid.sigmas[1]),
+        )
+        starts.append((z_sde.to(z0.dtype), active))
+    pairs = [(start, path) for start, path in zip(starts, draws.paths, strict=True) if path.u.shape[1] > 0]
+    total = sum(path.u.shape[0] for _, path in pairs)
+    done = 0
+    aux_sum = 0.0
+    for (z1p, idx), path in pairs:
+        sub = (lambda x: x) if idx is None else (lambda x, i=idx: x[i])
+        s1_p, z1_p, z0_p, c_p = sub(s1), sub(draws.z1), sub(z0), _index(cond, idx)
+        for k in range(path.u.shape[0]):
+            s_aux = s1_p + path.u[k].to(z0.device) * (1 - s1_p)
+            a = _bcast((s_aux - s1_p) / (1 - s1_p), z0_p)
+            z_aux = (1 - a) * z1p + a * z1_p
+            v = velocity(z_aux, timesteps[grid.index_of_sigma(s_aux)], c_p)
+            target = (z_aux.float() - z0_p.float()) / _bcast(s_aux.float(), z0_p.float())
+            term = _weighted_sq_error(v, target, compute_loss_weighting_for_sd3(cfg.weighting_scheme, s_aux))
+            aux_sum += float(term.detach())
+            done += 1
+            report.grad_forwards += 1
+            emit(cfg.lambda_aux * term, done == total)
+    report.sum_aux = aux_sum

@@ -1,0 +1,441 @@
+"""The training loop: cached batch -> SOAR objective (per-term backward) -> optimizer -> checkpoint.
+
+``train()`` reads as the recipe; each stage is a small builder below it. The loop only sees the
+model family through :class:`~soar_lite.families.base.ModelFamily` and the objective through
+:func:`~soar_lite.objective.soar_loss`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from soar_lite import cache, checkpoint, lora
+from soar_lite.config import BUILTIN, TrainConfig, config_to_dict
+from soar_lite.data import builtin_data_folder, list_items
+from soar_lite.errors import UserError
+from soar_lite.families.sd3 import SD3Family, model_settings
+from soar_lite.objective import Draws, LossReport, NoiseGrid, soar_loss
+
+RUN_RECORD = "soar_lite_run.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Run:
+    """What the step needs besides the config: the live objects of one training run."""
+
+    accelerator: Accelerator
+    family: SD3Family
+    model: torch.nn.Module  # the (possibly DDP-wrapped) LoRA transformer
+    data: cache.CachedData
+    grid: NoiseGrid
+    optimizer: Any
+    scheduler: Any
+    generator: torch.Generator
+    params: list[torch.nn.Parameter]
+
+
+def resolve_model(path: str) -> str:
+    """``builtin`` -> the tiny trained toy base (built once, cached); anything else as given."""
+    if path != BUILTIN:
+        return path
+    from soar_lite.toy import ensure_tiny_base
+
+    return str(ensure_tiny_base())
+
+
+def resolve_resolution(cfg: TrainConfig, model_path: str) -> int:
+    """The preset's resolution, else the model folder's own (the tiny default's 32), else 512."""
+    return cfg.data.resolution or int(model_settings(model_path).get("resolution", 512))
+
+
+def prepare_output(output: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse to silently overwrite an earlier run; ``--resume`` continues it, ``--overwrite`` replaces it."""
+    earlier = (output / RUN_RECORD).exists() or (output / "checkpoints").exists()
+    if earlier and not resume:
+        if not overwrite:
+            raise UserError(
+                f"{output} already holds a run: pass --resume latest to continue it, "
+                "--overwrite to replace it, or another --output"
+            )
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_data(
+    cfg: TrainConfig, model_path: str, output: Path, accelerator: Accelerator, progress: bool
+) -> cache.CachedData:
+    """Cache stage: encoders loaded, everything encoded once, encoders freed; then read the cache."""
+    folder = builtin_data_folder() if cfg.data.path == BUILTIN else Path(cfg.data.path)
+    items = list_items(folder, cfg.data.caption_ext, cfg.data.default_caption)
+    resolution = resolve_resolution(cfg, model_path)
+    prompts = (
+        cfg.validation.prompts
+        or list(dict.fromkeys(it.caption for it in items))[: cfg.validation.num_prompts]
+    )
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output / "cache"
+    seq = cfg.model.max_sequence_length or int(model_settings(model_path).get("max_sequence_length", 256))
+    target = root / cache.cache_key(model_path, items, resolution, seq, prompts)
+    if accelerator.is_main_process and not (target / "index.json").is_file():
+        family = SD3Family.load(
+            model_path,
+            device=accelerator.device,
+            dtype=cfg.model.dtype,
+            max_sequence_length=seq,
+            transformer=False,
+        )
+        cache.build_cache(family, items, resolution, prompts, target, progress=progress)
+        family.free_encoders()
+        del family
+    accelerator.wait_for_everyone()
+    return cache.load_cache(target)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Any:
+    """AdamW, or bitsandbytes' 8-bit AdamW (which also runs on CPU with bitsandbytes >= 0.45)."""
+    o = cfg.optim
+    kwargs = {"lr": o.lr, "betas": (o.beta1, o.beta2), "weight_decay": o.weight_decay, "eps": o.eps}
+    if o.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def build_scheduler(optimizer: Any, cfg: TrainConfig) -> Any:
+    """diffusers' LR schedules, counted in optimizer steps (never stepped once per process)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.optim.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps,
+        num_training_steps=cfg.steps,
+    )
+
+
+def batch_indices(n: int, batch: int, seed: int, position: int) -> torch.Tensor:
+    """Rows ``position .. position + batch`` of an endless stream of seeded per-epoch permutations.
+
+    The data position is just a counter, so a resumed run (or another process count reading the
+    same global batch) sees exactly the same rows.
+    """
+    rows = []
+    for pos in range(position, position + batch):
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        rows.append(int(perm[offset]))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, accelerator: Accelerator) -> Run:
+    """Transformer + LoRA + optimizer + schedule, prepared by accelerate (the schedule is ours to step)."""
+    family = SD3Family.load(
+        model_path,
+        device=accelerator.device,
+        dtype=cfg.model.dtype,
+        quant=cfg.model.quant,
+        max_sequence_length=cfg.model.max_sequence_length,
+        text_encoders=False,
+        vae=accelerator.is_main_process,
+    )
+    torch.manual_seed(cfg.seed)  # the adapter's initial weights
+    params = lora.add_lora(family.transformer, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        family.transformer.enable_gradient_checkpointing()
+    optimizer = build_optimizer(params, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    model, optimizer = accelerator.prepare(family.transformer, optimizer)
+    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+    return Run(accelerator, family, model, data, family.noise_grid(), optimizer, scheduler, generator, params)
+
+
+def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> LossReport:
+    """One optimizer step over ``gradient_accumulation`` micro-batches, each term back-propagated alone."""
+    acc, world, accum = run.accelerator, run.accelerator.num_processes, cfg.gradient_accumulation
+    soar_cfg = _objective_config(cfg)
+    velocity = _autocast(acc, run.family.velocity(run.model))
+    reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if world > 1 else None
+    totals = LossReport(torch.zeros(()), 0.0, 0.0, 0, 0, 0, 0)
+    for micro in range(accum):
+        rows = batch_indices(
+            len(run.data), cfg.batch_size * world, cfg.seed, state.batches * cfg.batch_size * world
+        )
+        mine = slice(acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size)
+        z0_all = run.data.latents[rows]
+        draws = Draws.sample(z0_all.to(acc.device), soar_cfg, run.grid, run.generator).select(mine, soar_cfg)
+        z0, cond, uncond = run.data.batch(rows[mine], acc.device)
+
+        def backward(term: torch.Tensor, is_last: bool, final_micro: bool = micro == accum - 1) -> None:
+            sync = contextlib.nullcontext() if (is_last and final_micro) else acc.no_sync(run.model)
+            with sync:
+                acc.backward(term / accum)
+
+        report = soar_loss(
+            velocity,
+            z0,
+            cond,
+            uncond,
+            run.grid,
+            soar_cfg,
+            draws=draws,
+            backward=backward,
+            reduce_sum=reduce_sum,
+            world_size=world,
+        )
+        _accumulate(totals, report)
+        state.batches += 1
+    if cfg.optim.max_grad_norm > 0:
+        acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return totals
+
+
+def _objective_config(cfg: TrainConfig) -> Any:
+    from dataclasses import replace
+
+    return replace(cfg.soar, lambda_aux=cfg.effective_lambda_aux)
+
+
+def _autocast(acc: Accelerator, velocity: Any) -> Any:
+    def f(latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
+        with acc.autocast():
+            return velocity(latents, timesteps, cond)
+
+    return f
+
+
+def _accumulate(total: LossReport, report: LossReport) -> None:
+    total.loss = total.loss + report.loss.detach().cpu()
+    total.sum_main += report.sum_main
+    total.sum_aux += report.sum_aux
+    total.n_main += report.n_main
+    total.n_aux += report.n_aux
+    total.grad_forwards += report.grad_forwards
+    total.nograd_forwards += report.nograd_forwards
+
+
+def validate(run: Run, cfg: TrainConfig, output: Path, step: int, resolution: int) -> list[Path]:
+    """Sample the fixed validation prompts at the fixed seed with the current adapter."""
+    data = run.data
+    if not data.validation_prompts or run.family.pipe.vae is None:
+        return []
+    model = run.accelerator.unwrap_model(run.model)
+    gen = torch.Generator(device=run.accelerator.device).manual_seed(cfg.validation.seed)
+    empty = {k: v for k, v in data.empty.items()}
+    images = run.family.sample(
+        model,
+        data.validation,
+        empty,
+        height=resolution,
+        width=resolution,
+        steps=cfg.validation.steps,
+        guidance_scale=cfg.validation.guidance_scale,
+        generator=gen,
+    )
+    folder = output / "samples" / f"step-{step:06d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, (image, prompt) in enumerate(zip(images, data.validation_prompts, strict=True)):
+        path = folder / f"{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+        (folder / f"{i:02d}.txt").write_text(prompt, encoding="utf-8")
+    return paths
+
+
+class Logger:
+    """metrics.jsonl (read by the app) + TensorBoard, main process only."""
+
+    def __init__(self, output: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(output / "logs"))
+            self.file = (output / METRICS).open("a", encoding="utf-8")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(f"train/{key}", value, step)
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.file.close()
+
+
+def step_metrics(report: LossReport, run: Run, seconds: float, world: int) -> dict[str, float]:
+    """The logged numbers of one step (loss is the normalised objective the optimizer saw)."""
+    return {
+        "loss": float(report.loss),
+        "loss_main": report.loss_main,
+        "loss_aux": report.loss_aux,
+        "aux_per_sample": report.aux_per_sample,
+        "lr": run.scheduler.get_last_lr()[0],
+        "step_time": seconds,
+        "world_size": world,
+    }
+
+
+def train(
+    cfg: TrainConfig,
+    output: str | Path,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train one run (or both arms for ``objective=both``); returns the folder holding the LoRA file."""
+    output = Path(output)
+    if cfg.objective == "both":
+        for arm in ("sft", "soar"):
+            train(cfg.arm(arm), output / arm, resume=resume, overwrite=overwrite, progress=progress)
+        return output
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    if acc.is_main_process:
+        prepare_output(output, resume, overwrite)
+    acc.wait_for_everyone()
+    model_path = resolve_model(cfg.model.path) if acc.is_main_process else None
+    model_path = _broadcast_str(acc, model_path)
+    data = prepare_data(cfg, model_path, output, acc, progress)
+    if len(data) < cfg.batch_size:
+        _warn_small(acc, len(data), cfg.batch_size)
+    run = build_run(cfg, model_path, data, acc)
+    state = checkpoint.TrainState()
+    if resume:
+        found = checkpoint.resolve(output / "checkpoints", resume)
+        state = checkpoint.load(
+            found, acc.unwrap_model(run.model), run.optimizer, run.scheduler, run.generator
+        )
+    resolution = resolve_resolution(cfg, model_path)
+    logger = Logger(output, acc.is_main_process)
+    _write_record(output, cfg, model_path, state, "running", acc)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=state.step,
+        desc=f"train {cfg.objective}",
+        unit="step",
+        disable=not (progress and acc.is_main_process),
+        dynamic_ncols=True,
+    )
+    try:
+        while state.step < cfg.steps:
+            start = time.perf_counter()
+            report = train_step(run, cfg, state)
+            metrics = step_metrics(report, run, time.perf_counter() - start, acc.num_processes)
+            _check_finite(metrics, state.step)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                logger.log(state.step, metrics)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", aux=f"{metrics['loss_aux']:.3f}", lr=f"{metrics['lr']:.2e}"
+            )
+            bar.update(1)
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+                _save_checkpoint(run, cfg, output, state)
+            if cfg.validation.every and state.step % cfg.validation.every == 0 and acc.is_main_process:
+                validate(run, cfg, output, state.step, resolution)
+    except KeyboardInterrupt:
+        _save_checkpoint(run, cfg, output, state)
+        raise UserError(
+            f"interrupted at step {state.step}: checkpoint saved; continue with --resume latest"
+        ) from None
+    finally:
+        bar.close()
+        logger.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        record = _write_record(output, cfg, model_path, state, "done", acc)
+        lora.save_lora(
+            acc.unwrap_model(run.model),
+            cfg.lora,
+            output,
+            {"objective": cfg.objective, "base_model": record["base_model"]},
+        )
+        if not cfg.validation.every or cfg.steps % cfg.validation.every:
+            validate(run, cfg, output, state.step, resolution)
+    acc.wait_for_everyone()
+    return output
+
+
+def _save_checkpoint(run: Run, cfg: TrainConfig, output: Path, state: checkpoint.TrainState) -> None:
+    if run.accelerator.is_main_process:
+        checkpoint.save(
+            output / "checkpoints",
+            state,
+            run.accelerator.unwrap_model(run.model),
+            run.optimizer,
+            run.scheduler,
+            run.generator,
+            cfg.keep_checkpoints,
+        )
+    run.accelerator.wait_for_everyone()
+
+
+def _check_finite(metrics: dict[str, float], step: int) -> None:
+    if not math.isfinite(metrics["loss"]):
+        raise UserError(
+            f"loss became {metrics['loss']} at step {step}: lower lr, or use mixed_precision=bf16 "
+            "instead of fp16; earlier checkpoints are intact"
+        )
+
+
+def _warn_small(acc: Accelerator, n: int, batch: int) -> None:
+    if acc.is_main_process:
+        print(f"note: the dataset has {n} items, fewer than batch_size={batch}: batches repeat items")
+
+
+def _broadcast_str(acc: Accelerator, value: str | None) -> str:
+    if acc.num_processes == 1:
+        return value  # type: ignore[return-value]
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def _write_record(
+    output: Path,
+    cfg: TrainConfig,
+    model_path: str,
+    state: checkpoint.TrainState,
+    status: str,
+    acc: Accelerator,
+) -> dict[str, Any]:
+    """The JSON record next to the LoRA: config, base model, objective, steps, exactness notes."""
+    import soar_lite
+
+    record = {
+        "status": status,
+        "soar_lite_version": soar_lite.__version__,
+        "base_model": model_path,
+        "model_arg": cfg.model.path,
+        "objective": cfg.objective,
+        "steps_done": state.step,
+        "steps": cfg.steps,
+        "world_size": acc.num_processes,
+        "rollout_conditional_half": "reused main pass" if cfg.soar.reuse_main_pass else "separate pass",
+        "lora_file": lora.LORA_FILE if status == "done" else None,
+        "config": config_to_dict(cfg),
+    }
+    if acc.is_main_process:
+        (output / RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return record

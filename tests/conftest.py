@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny SD3 pipelines and datasets built in code (no download), an isolated home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Everything soar-lite builds once (the tiny trained base, the built-in data) goes here for the whole
+# test session, never into the user's ~/.cache. CI may point it at a persistent folder.
+os.environ.setdefault("SOAR_LITE_HOME", tempfile.mkdtemp(prefix="soar-lite-home-"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny SD3 pipeline folder (seconds to build): enough to test the machinery."""
+    from soar_lite.toy.tiny_sd3 import build_tiny_pipeline, save_tiny_pipeline
+
+    return save_tiny_pipeline(build_tiny_pipeline(0), tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve captioned 32 px shapes in a kohya-style folder."""
+    from soar_lite.toy.shapes import write_shapes_folder
+
+    return write_shapes_folder(tmp_path_factory.mktemp("data") / "shapes", 12, seed=0)
+
+
+def tiny_overrides(**extra: object) -> list[str]:
+    """``key=value`` overrides for a fast CPU run on the tiny fixtures."""
+    values = {
+        "steps": 4,
+        "batch_size": 4,
+        "trajectory_length": 2,
+        "validation.num_prompts": 0,
+        "optim.warmup_steps": 0,
+        "lr": 1e-3,
+        "rank": 4,
+        "alpha": 8.0,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]

@@ -1,0 +1,187 @@
+"""The loop end to end on a tiny SD3 pipeline: LoRA contract, resume equivalence, both arms, cache reuse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soar_lite import config, train
+from soar_lite.errors import UserError
+from soar_lite.lora import LORA_FILE
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def run(tiny_model_dir: Path, tiny_data_dir: Path, output: Path, resume: str | None = None, **extra) -> Path:
+    overrides = tiny_overrides(**{"model.path": tiny_model_dir, "data.path": tiny_data_dir, **extra})
+    cfg = config.load_config("cpu-tiny", overrides)
+    return train.train(cfg, output, resume=resume, progress=False)
+
+
+def _pipe(model_dir: Path):
+    from soar_lite.toy.tiny_sd3 import load_tiny_pipeline
+
+    pipe = load_tiny_pipeline(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sample(pipe) -> torch.Tensor:
+    out = pipe(
+        "a red circle at the top left",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        max_sequence_length=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
+    return out.images
+
+
+def test_lora_file_loads_in_diffusers_fuses_to_base_plus_BA_and_changes_output(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    out = run(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path / "run",
+        **{"validation.num_prompts": 1, "validation.steps": 2},
+    )
+    weights = load_file(str(out / LORA_FILE))
+    assert weights and all(k.startswith("transformer.") for k in weights)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in weights)
+    assert any(".add_q_proj." in k for k in weights) and any(".to_q." in k for k in weights)
+    record = json.loads((out / train.RUN_RECORD).read_text())
+    assert record["status"] == "done" and record["steps_done"] == 4 and record["objective"] == "soar"
+    assert record["base_model"] == str(tiny_model_dir)
+    assert (out / "samples" / "step-000004" / "00.png").is_file()
+    assert len((out / train.METRICS).read_text().splitlines()) == 4
+
+    pipe = _pipe(tiny_model_dir)
+    before = _sample(pipe)
+    base_q = pipe.transformer.transformer_blocks[0].attn.to_q.weight.detach().clone()
+    pipe.load_lora_weights(str(out / LORA_FILE))
+    after = _sample(pipe)
+    assert (before - after).abs().max() > 1e-4, "the LoRA loaded but changed nothing"
+    pipe.fuse_lora(lora_scale=1.0)
+    fused = pipe.transformer.transformer_blocks[0].attn.to_q.weight.detach()
+    a = weights["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]
+    b = weights["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]
+    torch.testing.assert_close(fused, base_q + b @ a, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_gives_the_same_lora_as_straight_training(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    """N steps straight == N/2 steps, interrupt (checkpoint), --resume latest, N/2 steps: bit for bit."""
+    knobs = {
+        "steps": 4,
+        "lr_scheduler": "cosine",
+        "warmup_steps": 1,
+        "num_rollout_paths": 2,
+        "sde_rollout_type": "cps",
+        "data.cache_dir": tmp_path / "cache",
+    }
+    straight = load_file(str(run(tiny_model_dir, tiny_data_dir, tmp_path / "a", **knobs) / LORA_FILE))
+
+    real_step = train.train_step
+
+    def interrupt_after_two(run_, cfg, state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+        return real_step(run_, cfg, state)
+
+    monkeypatch.setattr(train, "train_step", interrupt_after_two)
+    with pytest.raises(UserError, match="interrupted at step 2: checkpoint saved"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "b", **knobs)
+    assert not (tmp_path / "b" / LORA_FILE).exists()
+    (tmp_path / "b" / "checkpoints" / ".tmp-step-000003-1").mkdir()  # a half-written later checkpoint
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed = load_file(
+        str(run(tiny_model_dir, tiny_data_dir, tmp_path / "b", resume="latest", **knobs) / LORA_FILE)
+    )
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_checkpoints_are_pruned_to_keep_last_k(tiny_model_dir, tiny_data_dir, tmp_path):
+    run(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path / "r",
+        steps=5,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        objective="sft",
+    )
+    names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert names == ["step-000003", "step-000004"]
+
+
+def test_earlier_run_is_never_overwritten_silently(tiny_model_dir, tiny_data_dir, tmp_path):
+    run(tiny_model_dir, tiny_data_dir, tmp_path / "r", steps=1, objective="sft")
+    with pytest.raises(UserError, match="already holds a run: pass --resume latest"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "r", steps=1)
+
+
+def test_both_arms_share_data_and_seed_and_differ_in_objective(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "both", objective="both", steps=2)
+    sft = json.loads((out / "sft" / train.RUN_RECORD).read_text())
+    soar = json.loads((out / "soar" / train.RUN_RECORD).read_text())
+    assert (sft["objective"], soar["objective"]) == ("sft", "soar")
+    assert sft["config"]["seed"] == soar["config"]["seed"]
+    metrics = [json.loads(line) for line in (out / "sft" / train.METRICS).read_text().splitlines()]
+    assert all(m["aux_per_sample"] == 0 for m in metrics)
+    metrics = [json.loads(line) for line in (out / "soar" / train.METRICS).read_text().splitlines()]
+    assert all(m["aux_per_sample"] == 2 for m in metrics)  # K = 2 aux points per sample, ODE path only
+
+
+def test_second_run_reuses_the_cache_without_loading_encoders(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    shared = tmp_path / "cache"
+    run(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path / "one",
+        steps=1,
+        objective="sft",
+        **{"data.cache_dir": shared},
+    )
+    from soar_lite.families.sd3 import SD3Family
+
+    real_load = SD3Family.load
+
+    def no_encoders(*args, **kwargs):
+        assert kwargs.get("text_encoders") is False, "training loaded text encoders despite a complete cache"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(SD3Family, "load", no_encoders)
+    run(
+        tiny_model_dir,
+        tiny_data_dir,
+        tmp_path / "two",
+        steps=1,
+        objective="sft",
+        **{"data.cache_dir": shared},
+    )
+    assert len(list(shared.iterdir())) == 1
+
+
+def test_torchao_int8_base_trains_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "q", steps=2, quant="torchao-int8")
+    assert (out / LORA_FILE).is_file()
+
+
+def test_gpu_only_quantization_is_a_clear_error_on_cpu(tiny_model_dir, tiny_data_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError, match=r"quant=nf4 needs a CUDA GPU .* use one of: none, torchao-int8"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "q", quant="nf4")
