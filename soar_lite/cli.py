@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +33,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     folder = train(cfg, output, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     arms = ["sft", "soar"] if cfg.objective == "both" else [""]
-    for arm in arms:
-        print(f"LoRA: {folder / arm / 'pytorch_lora_weights.safetensors'}")
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        for arm in arms:
+            print(f"LoRA: {folder / arm / 'pytorch_lora_weights.safetensors'}")
     return 0
 
 

@@ -46,6 +46,16 @@ class Run:
     params: list[torch.nn.Parameter]
 
 
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """A fresh Accelerator per run: one process may run several (both arms, the app, tests) with
+    different precision. Only the per-run state is reset; the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def resolve_model(path: str) -> str:
     """``builtin`` -> the tiny trained toy base (built once, cached); anything else as given."""
     if path != BUILTIN:
@@ -311,7 +321,7 @@ def train(
         for arm in ("sft", "soar"):
             train(cfg.arm(arm), output / arm, resume=resume, overwrite=overwrite, progress=progress)
         return output
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    acc = make_accelerator(cfg)
     if acc.is_main_process:
         prepare_output(output, resume, overwrite)
     acc.wait_for_everyone()

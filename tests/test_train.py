@@ -185,3 +185,24 @@ def test_gpu_only_quantization_is_a_clear_error_on_cpu(tiny_model_dir, tiny_data
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match=r"quant=nf4 needs a CUDA GPU .* use one of: none, torchao-int8"):
         run(tiny_model_dir, tiny_data_dir, tmp_path / "q", quant="nf4")
+
+
+def _lora(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / LORA_FILE))
+
+
+def test_gradient_checkpointing_gives_the_same_lora(tiny_model_dir, tiny_data_dir, tmp_path):
+    knobs = {"steps": 2, "data.cache_dir": tmp_path / "cache"}
+    plain = _lora(run(tiny_model_dir, tiny_data_dir, tmp_path / "a", **knobs))
+    ckpt = _lora(run(tiny_model_dir, tiny_data_dir, tmp_path / "b", gradient_checkpointing=True, **knobs))
+    for key in plain:
+        torch.testing.assert_close(plain[key], ckpt[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [{"optimizer": "adamw8bit"}, {"mixed_precision": "bf16"},
+                                   {"gradient_accumulation": 2, "lr_scheduler": "linear"}])
+def test_optimizer_and_precision_variants_train(tiny_model_dir, tiny_data_dir, tmp_path, extra):
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "v", steps=2, **extra)
+    weights = _lora(out)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().max() > 0 for k, w in weights.items() if "lora_B" in k), "the adapter never moved"
