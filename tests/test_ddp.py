@@ -21,11 +21,27 @@ pytestmark = pytest.mark.slow
 
 
 def _train(cmd_prefix: list[str], out, model, data, cache, batch: int) -> None:
-    args = ["--model", str(model), "--data", str(data), "--output", str(out), "--quiet", f"batch_size={batch}",
-            "steps=3", "trajectory_length=2", "num_rollout_paths=2", "sde_rollout_type=sde", "lr=1e-3",
-            "warmup_steps=0", "validation.num_prompts=0", f"data.cache_dir={cache}"]
-    done = subprocess.run([*cmd_prefix, "-m", "soar_lite.cli", "train", *args], capture_output=True, text=True,
-                          timeout=600)
+    args = [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--quiet",
+        f"batch_size={batch}",
+        "steps=3",
+        "trajectory_length=2",
+        "num_rollout_paths=2",
+        "sde_rollout_type=sde",
+        "lr=1e-3",
+        "warmup_steps=0",
+        "validation.num_prompts=0",
+        f"data.cache_dir={cache}",
+    ]
+    done = subprocess.run(
+        [*cmd_prefix, "-m", "soar_lite.cli", "train", *args], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 

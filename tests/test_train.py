@@ -199,8 +199,14 @@ def test_gradient_checkpointing_gives_the_same_lora(tiny_model_dir, tiny_data_di
         torch.testing.assert_close(plain[key], ckpt[key], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("extra", [{"optimizer": "adamw8bit"}, {"mixed_precision": "bf16"},
-                                   {"gradient_accumulation": 2, "lr_scheduler": "linear"}])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"optimizer": "adamw8bit"},
+        {"mixed_precision": "bf16"},
+        {"gradient_accumulation": 2, "lr_scheduler": "linear"},
+    ],
+)
 def test_optimizer_and_precision_variants_train(tiny_model_dir, tiny_data_dir, tmp_path, extra):
     out = run(tiny_model_dir, tiny_data_dir, tmp_path / "v", steps=2, **extra)
     weights = _lora(out)
