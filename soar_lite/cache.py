@@ -42,6 +42,25 @@ class CachedData:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
+    def rows(self, batch_number: int, size: int, seed: int) -> Tensor:
+        """The dataset rows of global batch ``batch_number`` (all processes together, ``size`` rows).
+
+        Rows come from an endless stream of seeded per-epoch permutations and the position is just
+        a counter, so a resumed run, or another process count on the same global batch, sees
+        exactly the same rows.
+        """
+        n, start = len(self), batch_number * size
+        rows = []
+        for pos in range(start, start + size):
+            epoch, offset = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            rows.append(int(perm[offset]))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def latents_of(self, rows: Tensor) -> Tensor:
+        """Clean latents of ``rows`` (CPU)."""
+        return self.latents[rows]
+
     def batch(
         self, indices: Tensor, device: torch.device
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:

@@ -135,20 +135,6 @@ def build_scheduler(optimizer: Any, cfg: TrainConfig) -> Any:
     )
 
 
-def batch_indices(n: int, batch: int, seed: int, position: int) -> torch.Tensor:
-    """Rows ``position .. position + batch`` of an endless stream of seeded per-epoch permutations.
-
-    The data position is just a counter, so a resumed run (or another process count reading the
-    same global batch) sees exactly the same rows.
-    """
-    rows = []
-    for pos in range(position, position + batch):
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        rows.append(int(perm[offset]))
-    return torch.tensor(rows, dtype=torch.long)
-
-
 def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, accelerator: Accelerator) -> Run:
     """Transformer + LoRA + optimizer + schedule, prepared by accelerate (the schedule is ours to step)."""
     family = SD3Family.load(
@@ -179,11 +165,9 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if world > 1 else None
     totals = LossReport(torch.zeros(()), 0.0, 0.0, 0, 0, 0, 0)
     for micro in range(accum):
-        rows = batch_indices(
-            len(run.data), cfg.batch_size * world, cfg.seed, state.batches * cfg.batch_size * world
-        )
+        rows = run.data.rows(state.batches, cfg.batch_size * world, cfg.seed)
         mine = slice(acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size)
-        z0_all = run.data.latents[rows]
+        z0_all = run.data.latents_of(rows)
         draws = Draws.sample(z0_all.to(acc.device), soar_cfg, run.grid, run.generator).select(mine, soar_cfg)
         z0, cond, uncond = run.data.batch(rows[mine], acc.device)
 
