@@ -70,6 +70,44 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHES = ("step", "cache", "quality")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run one benchmark module's ``main(output, **knobs)``; it writes JSON to ``--output``."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"soar_lite.bench.{args.name}")
+    except ModuleNotFoundError:
+        raise UserError(f"benchmark {args.name!r} is not available in this version") from None
+    knobs = {}
+    for item in args.knobs:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UserError(f"benchmark option {item!r} is not key=value")
+        knobs[key] = _literal(raw)
+    output = Path(args.output or f"benchmarks/{args.name}.json")
+    try:
+        result = module.main(output, **knobs)
+    except TypeError as exc:
+        raise UserError(f"bench {args.name}: {exc}") from None
+    print(json.dumps(result.get("summary", {}), indent=2))
+    print(f"wrote {output}")
+    return 0
+
+
+def _literal(raw: str) -> object:
+    """``6`` -> 6, ``1,2,6`` -> (1, 2, 6), ``cpu`` -> 'cpu': benchmark knobs from the command line."""
+    import ast
+
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-tiny", help="preset name (soar-lite presets) or a .yaml path")
     p.add_argument("--model", help="diffusers SD3/SD3.5 folder or hub id (default: built-in tiny base)")
@@ -86,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": (cmd_train, "train a LoRA with SOAR (or SFT, or both arms)"),
         "cache": (cmd_cache, "encode a dataset once (latents + text embeddings)"),
         "presets": (cmd_presets, "list presets, show one, or list every key"),
+        "bench": (cmd_bench, "run a benchmark (step | cache | quality) and write its JSON"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -99,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", nargs="?", help="show this preset resolved")
             p.add_argument("overrides", nargs="*", metavar="key=value")
             p.add_argument("--keys", action="store_true", help="list every settable key")
+        if name == "bench":
+            p.add_argument("name", choices=BENCHES)
+            p.add_argument("--output", help="JSON path (default: benchmarks/NAME.json)")
+            p.add_argument("knobs", nargs="*", metavar="key=value", help="e.g. repeats=10 ks=1,2,6")
     return parser
 
 
