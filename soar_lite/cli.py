@@ -40,16 +40,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """Run only the cache stage (encoders loaded, everything encoded, encoders freed)."""
-    cfg = config.load_config(args.preset, _run_overrides(args))
-    from accelerate import Accelerator
+    """Run only the cache stage: check the data, encode what is not cached yet, free the encoders.
 
-    from soar_lite.train import prepare_data, resolve_model
+    ``--output`` here names the cache folder (default: ``data.cache_dir``, else the shared one).
+    """
+    extra = [f"data.cache_dir={args.output}"] if args.output else []
+    cfg = config.load_config(args.preset, _run_overrides(args) + extra)
+    from soar_lite.train import make_accelerator, prepare_data, resolve_model
 
-    output = _default_output(args)
-    output.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(cfg, resolve_model(cfg.model.path), output, Accelerator(cpu=True), not args.quiet)
-    print(f"cached {len(data)} items")
+    acc = make_accelerator(cfg)
+    data = prepare_data(cfg, resolve_model(cfg.model.path), Path("."), acc, not args.quiet)
+    print(f"cached {len(data)} items in {len(data.bucket_sizes)} bucket(s); manifest: {data.manifest}")
     return 0
 
 
@@ -68,6 +69,198 @@ def cmd_presets(args: argparse.Namespace) -> int:
         header = config.preset_header(name).splitlines()
         print(f"{name:10s} {header[1] if len(header) > 1 else ''}")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Estimated peak GPU memory of a preset on a model, from its config alone (no weights)."""
+    from soar_lite.plan import plan, tier_of
+
+    cfg = config.load_config(args.preset, args.overrides)
+    models = [args.model] if args.model else [cfg.model.path]
+    tier = tier_of(args.preset)
+    for model in models:
+        print(plan(cfg, model, tier).render())
+    return 0
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:STRENGTH`` (a drive letter's colon is part of the path, not a strength)."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _run_base_model(lora: str) -> str | None:
+    """The base model recorded next to a soar-lite LoRA (its run folder's soar_lite_run.json), if any."""
+    folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
+    record = folder / "soar_lite_run.json"
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8")).get("base_model")
+    return None
+
+
+def _model_for(args: argparse.Namespace, loras: Sequence[str]) -> str:
+    """--model, else the base the (first) LoRA was trained on, else the built-in tiny base."""
+    if args.model:
+        return args.model
+    found = [m for m in (_run_base_model(path) for path in loras) if m]
+    return found[0] if found else config.BUILTIN
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        text = Path(args.prompts_file).read_text(encoding="utf-8")
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give at least one --prompt or a --prompts-file (one prompt per line)")
+    return prompts
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r} is not a comma-separated list of integers") from None
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Images for every prompt x seed with the LoRAs at their strengths; PNGs carry their settings."""
+    from soar_lite.sample import sample
+
+    loras = [_lora_arg(text) for text in args.lora or []]
+    output = Path(args.output) if args.output else Path("samples") / time.strftime("%Y%m%d-%H%M%S")
+    results = sample(
+        _model_for(args, [p for p, _ in loras]),
+        _prompts(args),
+        loras=loras,
+        seeds=_seeds(args.seeds),
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        height=args.height,
+        width=args.width,
+        output=output,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {len(results)} images to {output}")
+    return 0
+
+
+def _arms(args: argparse.Namespace) -> dict[str, str | None]:
+    """--run RUN gives base / sft / soar of an objective=both run; --arm NAME=PATH adds any LoRA."""
+    arms: dict[str, str | None] = {} if args.no_base else {"base": None}
+    if args.run:
+        for arm in ("sft", "soar"):
+            if not (Path(args.run) / arm).is_dir():
+                raise UserError(f"{args.run} has no {arm}/ folder: is it an objective=both run?")
+            arms[arm] = str(Path(args.run) / arm)
+    for item in args.arm or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--arm {item!r} is not NAME=PATH")
+        arms[name] = None if path.lower() in ("", "none", "base") else path
+    if len(arms) < 2:
+        raise UserError("compare needs at least two arms: --run RUN, or --arm NAME=LORA (base is added)")
+    return arms
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The same prompts and seeds through every arm; one labelled grid plus the single images."""
+    from soar_lite.sample import compare
+
+    arms = _arms(args)
+    default = Path(args.run) / "compare" if args.run else Path("compare") / time.strftime("%Y%m%d-%H%M%S")
+    result = compare(
+        _model_for(args, [p for p in arms.values() if p]),
+        arms,
+        _prompts(args),
+        _seeds(args.seeds),
+        steps=args.steps,
+        guidance_scale=args.cfg,
+        height=args.height,
+        width=args.width,
+        output=Path(args.output) if args.output else default,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(f"grid: {result.grid}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a LoRA in another layout (kohya / SAI-native names with fused qkv and alpha, or comfyui)."""
+    from soar_lite.export import export_lora
+
+    source = Path(args.lora)
+    output = Path(args.output) if args.output else (source if source.is_dir() else source.parent)
+    path = export_lora(args.lora, args.format, output, strength=args.strength)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fuse LoRA(s) into the base transformer and save it as a diffusers folder."""
+    from soar_lite.export import merge_lora
+
+    loras = [_lora_arg(text) for text in args.lora]
+    path = merge_lora(_model_for(args, [p for p, _ in loras]), loras, args.output, overwrite=args.overwrite)
+    print(f"merged transformer: {path}")
+    return 0
+
+
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="SD3/SD3.5 folder or hub id (default: the LoRA's base, else built-in)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file, one prompt per line")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument("--steps", type=int, default=28, help="sampler steps (default 28)")
+    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+    p.add_argument("--height", type=int, help="default: the model's own resolution, else 1024")
+    p.add_argument("--width", type=int, help="default: the model's own resolution, else 1024")
+    p.add_argument("--output", help="folder for the PNGs")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per sampler call (default 1)")
+
+
+def _add_interop_args(name: str, p: argparse.ArgumentParser) -> None:
+    """Arguments of sample / compare / export / merge (kept out of build_parser's table loop)."""
+    if name in ("sample", "compare"):
+        _add_sample_args(p)
+    if name == "sample":
+        p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="LoRA file or run folder")
+    if name == "compare":
+        p.add_argument("--run", help="an objective=both output: arms base, sft, soar")
+        p.add_argument("--arm", action="append", metavar="NAME=PATH", help="another arm (LoRA file or run)")
+        p.add_argument("--no-base", action="store_true", help="leave out the base-model column")
+    if name == "export":
+        p.add_argument("lora", help="LoRA file or run folder (diffusers or kohya layout)")
+        p.add_argument("--format", default="kohya", choices=("kohya", "comfyui", "diffusers"))
+        p.add_argument("--output", help="file or folder (default: next to the LoRA)")
+        p.add_argument("--strength", type=float, default=1.0, help="fold this strength into the file")
+    if name == "merge":
+        p.add_argument("lora", nargs="+", metavar="PATH[:STRENGTH]", help="LoRA file(s) or run folder(s)")
+        p.add_argument("--model", help="base SD3/SD3.5 folder or hub id (default: the LoRA's base)")
+        p.add_argument("--output", required=True, help="folder for the merged diffusers transformer")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    """Serve the Gradio app: this machine only unless --host says otherwise (then use --auth)."""
+    from app.server import serve
+
+    return serve(args.host, args.port, args.auth, args.runs_dir)
+
+
+def _add_app_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--auth", metavar="USER:PASS", help="require this login (default: $SOAR_LITE_AUTH)")
+    p.add_argument("--runs-dir", default="runs", help="where runs and uploaded datasets live (default runs/)")
 
 
 BENCHES = ("step", "cache", "quality")
@@ -124,13 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
         "train": (cmd_train, "train a LoRA with SOAR (or SFT, or both arms)"),
         "cache": (cmd_cache, "encode a dataset once (latents + text embeddings)"),
         "presets": (cmd_presets, "list presets, show one, or list every key"),
+        "plan": (cmd_plan, "estimate peak GPU memory of a preset on a model (no weights needed)"),
         "bench": (cmd_bench, "run a benchmark (step | cache | quality) and write its JSON"),
+        "sample": (cmd_sample, "generate images: base model + optional LoRA(s), prompts x seeds"),
+        "compare": (cmd_compare, "same prompts and seeds through base / SFT / SOAR (or any LoRAs): a grid"),
+        "export": (cmd_export, "write a LoRA in kohya (SAI-native) or comfyui layout"),
+        "merge": (cmd_merge, "fuse LoRA(s) into the base transformer (diffusers folder)"),
+        "app": (cmd_app, "serve the web app (Gradio) on 127.0.0.1:7860"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
         if name in ("train", "cache"):
             _add_run_args(p)
+        _add_interop_args(name, p)
         if name == "train":
             p.add_argument("--resume", help="'latest' or a checkpoint folder of this --output")
             p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
@@ -138,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", nargs="?", help="show this preset resolved")
             p.add_argument("overrides", nargs="*", metavar="key=value")
             p.add_argument("--keys", action="store_true", help="list every settable key")
+        if name == "plan":
+            p.add_argument("--preset", default="24gb", help="preset name or .yaml path")
+            p.add_argument("--model", help="sd3.5-medium | sd3.5-large | hub id | pipeline folder")
+            p.add_argument("overrides", nargs="*", metavar="key=value")
+        if name == "app":
+            _add_app_args(p)
         if name == "bench":
             p.add_argument("name", choices=BENCHES)
             p.add_argument("--output", help="JSON path (default: benchmarks/NAME.json)")

@@ -220,6 +220,9 @@ def soar_loss(
     if draws.drop_cond:
         cond = uncond
     n_main, n_aux = count_terms(draws.t0, cfg)
+    drawn = sum(path.u.shape[0] * path.u.shape[1] for path in draws.paths) if cfg.lambda_aux else 0
+    if drawn != n_aux:
+        raise ValueError(f"draws hold {drawn} auxiliary points but cfg implies {n_aux} (K, M or t0 disagree)")
     counts = torch.tensor([float(n_main), float(n_aux)], device=z0.device)
     if reduce_sum is not None:
         counts = reduce_sum(counts)
@@ -313,7 +316,7 @@ def _auxiliary_terms(
     pairs = [(start, path) for start, path in zip(starts, draws.paths, strict=True) if path.u.shape[1] > 0]
     total = sum(path.u.shape[0] for _, path in pairs)
     done = 0
-    aux_sum = 0.0
+    aux_sum = torch.zeros((), device=z0.device)
     for (z1p, idx), path in pairs:
         sub = (lambda x: x) if idx is None else (lambda x, i=idx: x[i])
         s1_p, z1_p, z0_p, c_p = sub(s1), sub(draws.z1), sub(z0), _index(cond, idx)
@@ -324,8 +327,8 @@ def _auxiliary_terms(
             v = velocity(z_aux, timesteps[grid.index_of_sigma(s_aux)], c_p)
             target = (z_aux.float() - z0_p.float()) / _bcast(s_aux.float(), z0_p.float())
             term = _weighted_sq_error(v, target, compute_loss_weighting_for_sd3(cfg.weighting_scheme, s_aux))
-            aux_sum += float(term.detach())
+            aux_sum = aux_sum + term.detach().float()  # one device sync at the end, not one per term
             done += 1
             report.grad_forwards += 1
             emit(cfg.lambda_aux * term, done == total)
-    report.sum_aux = aux_sum
+    report.sum_aux = float(aux_sum)

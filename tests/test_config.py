@@ -26,7 +26,7 @@ def test_required_tiers_are_shipped() -> None:
 def test_gpu_presets_state_an_estimate_and_use_gpu_features() -> None:
     for name in ("8gb", "12gb", "16gb", "24gb", "48gb"):
         cfg = config.load_config(name)
-        assert "Estimate" in config.preset_header(name)
+        assert "Planner estimate" in config.preset_header(name)
         assert cfg.model.gradient_checkpointing and cfg.mixed_precision == "bf16"
 
 

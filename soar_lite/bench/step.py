@@ -15,7 +15,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,15 @@ from soar_lite.objective import Draws, NoiseGrid, _bcast, _weighted_sq_error, ne
 
 
 class SavedTensorMeter:
-    """Live and peak bytes of tensors autograd saves for backward (parameters are not activations)."""
+    """Live and peak bytes of storages autograd saves for backward (parameters are not activations).
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.skip = {p.untyped_storage().data_ptr() for p in params}
+    Counted per storage, not per save: a tensor saved by two ops (a layer's input feeding both the
+    base linear and its LoRA) is memory once.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]) -> None:
+        self.skip = {p.untyped_storage().data_ptr() for p in params}  # pass all of them, frozen ones too
+        self.refs: dict[int, int] = {}
         self.live = 0
         self.peak = 0
 
@@ -39,6 +44,18 @@ class SavedTensorMeter:
         if t.untyped_storage().data_ptr() in self.skip:
             return t
         return _Saved(t, self)
+
+    def acquire(self, ptr: int, size: int) -> None:
+        self.refs[ptr] = self.refs.get(ptr, 0) + 1
+        if self.refs[ptr] == 1:
+            self.live += size
+            self.peak = max(self.peak, self.live)
+
+    def release(self, ptr: int, size: int) -> None:
+        self.refs[ptr] -= 1
+        if not self.refs[ptr]:
+            del self.refs[ptr]
+            self.live -= size
 
     @staticmethod
     def _unpack(saved: Any) -> Tensor:
@@ -49,16 +66,15 @@ class SavedTensorMeter:
 
 
 class _Saved:
-    __slots__ = ("meter", "size", "tensor")
+    __slots__ = ("meter", "ptr", "size", "tensor")
 
     def __init__(self, tensor: Tensor, meter: SavedTensorMeter) -> None:
-        self.tensor, self.meter = tensor, meter
-        self.size = tensor.numel() * tensor.element_size()
-        meter.live += self.size
-        meter.peak = max(meter.peak, meter.live)
+        storage = tensor.untyped_storage()
+        self.tensor, self.meter, self.ptr, self.size = tensor, meter, storage.data_ptr(), storage.nbytes()
+        meter.acquire(self.ptr, self.size)
 
     def __del__(self) -> None:
-        self.meter.live -= self.size
+        self.meter.release(self.ptr, self.size)
 
 
 def build_model(layers: int, seed: int = 0) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
@@ -173,7 +189,7 @@ def run_bench(
     times: dict[str, list[float]] = {name: [] for name in variants}
     memory: dict[str, dict[str, float]] = {}
     for name, spec in variants.items():  # memory pass (hooks slow the step: not timed)
-        meter = SavedTensorMeter(params)
+        meter = SavedTensorMeter(model.parameters())
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _one_step(model, params, opt, (z0, cond, uncond), grid, spec, g, meter)
