@@ -1,159 +1,630 @@
-"""The cache stage: encode images and captions once, train from the cached tensors.
+"""The cache stage: encode each image and caption once, keyed by content, and train from the tensors.
 
-Training then needs neither the VAE encoder nor the text encoders (T5-XXL alone is ~9 GB): the
-cache stage loads them, writes one safetensors file, and frees them before the transformer loads.
-This is the basic cache (one file per dataset + settings, keyed by a hash of everything that
-changes the tensors: image files, captions, resolution, model, sequence length); the data issue
-makes it per-item and content-addressed.
+Training on a consumer GPU needs the VAE encoder and the text encoders (T5-XXL alone is ~9 GB) gone
+while the transformer trains. This stage loads them only when something is missing, writes the
+tensors, and frees them. Every tensor is stored under a key that hashes *everything that changes
+it*, so a cache is never stale (kohya_ss#1629, OneTrainer#1134) and never recomputed needlessly:
+
+* an image latent: sha256 of the image bytes, its bucket size, the pixel recipe (EXIF, alpha,
+  resize, crop), the VAE's files and the dtype;
+* a text embedding: the caption, the text encoders' and tokenizers' files, which encoders exist,
+  the zero-T5 width, ``max_sequence_length`` and the dtype.
+
+So an edited caption re-encodes that caption only, an edited image that image only, a new resolution
+or text encoder re-encodes what it changes, and the same item in another run or dataset is reused
+(one cache folder can be shared). The empty prompt (SOAR's CFG rollout) and the validation prompts
+are text keys like any caption.
+
+Layout under the cache folder (``store-v2/``)::
+
+    shards/<name>.safetensors   immutable; tensors "<key>.<field>"; written to a temp file, fsynced,
+                                then renamed: a shard exists completely or not at all
+    index.jsonl                 append-only {"shard", "keys"} lines; rebuilt from shard headers for
+                                any shard it misses (a run killed between rename and append)
+    manifests/<hash>.json       one dataset's items -> keys, buckets, captions; what training reads
+    fingerprints.json           sha256 of model files by (path, size, mtime): big files hashed once
+
+A run killed mid-way leaves complete shards (reused next time) and at most one temp file, which no
+later run trusts (and which the next run on this host deletes).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import logging
+import math
 import os
-import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass
+import re
+import socket
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from soar_lite.data import Item, load_pixels
+from soar_lite.data import BadImage, Item, Skips, bucket_for, load_pixels, read_image_bytes, verify_items
+from soar_lite.errors import UserError
 
-CACHE_VERSION = 1
+log = logging.getLogger("soar_lite.cache")
+CACHE_VERSION = 2
+STORE_NAME = f"store-v{CACHE_VERSION}"
 ENCODE_BATCH = 16
+PIXEL_RECIPE = "exif-transpose/rgb-alpha-on-white/16bit-scaled/cover-bicubic/centre-crop/v1"
+TEXT_FIELDS = ("prompt_embeds", "pooled_prompt_embeds")
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+HUB_PATTERNS = ["model_index.json", "vae/*", "text_encoder*/*", "tokenizer*/*", "transformer/config.json"]
+_DIGEST_NAME = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + fsync + rename: readers see old or new, never half."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- model fingerprints
+
+
+class Fingerprints:
+    """sha256 of model files, remembered by (path, size, mtime) so a 9 GB T5 is hashed once.
+
+    Files in a Hugging Face hub cache are symlinks to blobs named by their content hash: that name
+    is used as is, so hub models cost nothing to fingerprint.
+    """
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        try:
+            self.memo: dict[str, list[Any]] = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.memo = {}
+        self.dirty = False
+
+    def digest(self, path: Path) -> str:
+        real = path.resolve()
+        if path.is_symlink() and real.parent.name == "blobs" and _DIGEST_NAME.match(real.name):
+            return real.name
+        stat = real.stat()
+        known = self.memo.get(str(real))
+        if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return known[2]
+        sha = hashlib.sha256()
+        with real.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 23), b""):
+                sha.update(block)
+        self.memo[str(real)] = [stat.st_size, stat.st_mtime_ns, sha.hexdigest()]
+        self.dirty = True
+        return sha.hexdigest()
+
+    def folder(self, folder: Path) -> list[tuple[str, str]]:
+        """(relative name, digest) of every file under ``folder``, sorted; [] if it does not exist."""
+        if not folder.is_dir():
+            return []
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return [(str(p.relative_to(folder)), self.digest(p)) for p in files]
+
+    def save(self) -> None:
+        if self.dirty:
+            _write_atomic(self.file, json.dumps(self.memo))
+            self.dirty = False
+
+
+@dataclass(frozen=True)
+class ModelIds:
+    """Content ids of the parts that make the cached tensors, and the image-side multiple."""
+
+    vae: str
+    text: str
+    multiple: int  # VAE downscale x transformer patch: bucket sides are multiples of this
+
+
+def local_model_folder(model_path: str) -> Path:
+    """A model folder on disk: the path itself, or the hub snapshot of the parts the cache needs."""
+    if Path(model_path).expanduser().exists():
+        return Path(model_path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_path, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # network, auth, unknown repo: one line, not a traceback
+        raise UserError(f"cannot fetch the encoders of {model_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{path} is missing or not JSON: is this a diffusers SD3 pipeline folder?") from None
+
+
+def model_ids(model_path: str, fingerprints: Fingerprints) -> ModelIds:
+    """Fingerprint the VAE and the text side of an SD3 pipeline folder (or hub id) without loading it."""
+    folder = local_model_folder(model_path)
+    index = _json(folder / "model_index.json")
+    transformer = _json(folder / "transformer" / "config.json")
+    vae_config = _json(folder / "vae" / "config.json")
+    present = [p for p in TEXT_PARTS if (index.get(p) or [None])[0] is not None]
+    text = _key(
+        present,
+        [fingerprints.folder(folder / p) for p in present],
+        transformer.get("joint_attention_dim"),  # width of the zero "T5" tokens when T5 is absent
+    )
+    vae = _key(fingerprints.folder(folder / "vae"))
+    fingerprints.save()
+    scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+    return ModelIds(vae, text, scale * int(transformer.get("patch_size", 2)))
+
+
+# ---------------------------------------------------------------- the store
+
+
+class Store:
+    """Content-addressed tensors in immutable safetensors shards (see the module docstring)."""
+
+    def __init__(self, root: Path, *, readonly: bool = False) -> None:
+        self.root = root
+        self.shards = root / "shards"
+        self.manifests = root / "manifests"
+        self.readonly = readonly  # readers (training processes) never clean, index or set aside
+        if not readonly:
+            for folder in (self.shards, self.manifests):
+                folder.mkdir(parents=True, exist_ok=True)
+            self._clean_temp_files()
+        self.index: dict[str, str] = {}
+        self._checked: set[str] = set()
+        self._load_index()
+
+    def _clean_temp_files(self) -> None:
+        """Delete temp shards left by dead processes of this host (never trusted either way)."""
+        for tmp in self.shards.glob(".tmp-*.part"):
+            parts = tmp.name.removesuffix(".part").split("-", 3)  # .tmp, pid, nonce, host
+            ours = len(parts) == 4 and parts[1].isdigit() and parts[3] == socket.gethostname()
+            if ours and not _alive(int(parts[1])):
+                tmp.unlink(missing_ok=True)
+
+    def _load_index(self) -> None:
+        present = {p.name for p in self.shards.glob("*.safetensors") if not p.name.startswith(".")}
+        indexed: set[str] = set()
+        path = self.root / "index.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                shard, keys = entry["shard"], entry["keys"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill: its shard is rescanned below
+            if shard in present:
+                indexed.add(shard)
+                self.index.update(dict.fromkeys(keys, shard))
+        for shard in sorted(present - indexed):
+            keys = self._scan(shard)
+            if keys is not None:
+                self.index.update(dict.fromkeys(keys, shard))
+                if not self.readonly:
+                    self._append_index(shard, keys)
+
+    def _scan(self, shard: str) -> list[str] | None:
+        """The keys of a shard from its header; a shard that does not open is set aside."""
+        path = self.shards / shard
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            if not self.readonly:
+                log.warning("cache shard %s is damaged (%s): set aside, its items are re-encoded", path, exc)
+                os.replace(path, path.with_name(path.name + ".bad"))
+            return None
+        self._checked.add(shard)
+        return sorted({name.split(".", 1)[0] for name in names})
+
+    def _append_index(self, shard: str, keys: list[str]) -> None:
+        with (self.root / "index.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"shard": shard, "keys": keys}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def missing(self, keys: Iterable[str]) -> set[str]:
+        """The keys not (validly) in the store; each shard still needed is header-checked once."""
+        wanted = set(keys)
+        for shard in {self.index[k] for k in wanted if k in self.index} - self._checked:
+            if self._scan(shard) is None:
+                self.index = {k: s for k, s in self.index.items() if s != shard}
+        return {k for k in wanted if k not in self.index}
+
+    def write_shard(self, tensors: dict[str, Tensor]) -> str:
+        """Write ``{"<key>.<field>": tensor}`` as one new shard, atomically; returns its name."""
+        names = sorted(tensors)
+        shard = hashlib.sha256("\n".join(names).encode()).hexdigest()[:32] + ".safetensors"
+        tmp = self.shards / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}.part"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"soar_lite": "2"})
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.shards / shard)
+        keys = sorted({name.split(".", 1)[0] for name in names})
+        self._append_index(shard, keys)
+        self.index.update(dict.fromkeys(keys, shard))
+        self._checked.add(shard)
+        return shard
+
+    def read(self, keys: Sequence[str], fields: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+        """``{key: {field: tensor}}`` for ``keys``, read shard by shard (memory-mapped, then copied)."""
+        by_shard: dict[str, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            if key not in self.index:
+                raise UserError(f"cache entry {key} is missing from {self.root}: run `soar-lite cache` again")
+            by_shard.setdefault(self.index[key], []).append(key)
+        out: dict[str, dict[str, Tensor]] = {}
+        for shard, shard_keys in by_shard.items():
+            with safe_open(str(self.shards / shard), framework="pt") as f:
+                for key in shard_keys:
+                    out[key] = {name: f.get_tensor(f"{key}.{name}") for name in fields}
+        return out
+
+    def write_manifest(self, manifest: dict[str, Any]) -> Path:
+        text = json.dumps(manifest, indent=1, sort_keys=True)
+        path = self.manifests / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+        if not path.is_file():
+            _write_atomic(path, text)
+        return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------- planning and encoding
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The run settings that decide the cached tensors (the model files decide the rest)."""
+
+    model_path: str
+    dtype: str = "float32"
+    max_sequence_length: int = 256
+    resolution: int = 512
+    buckets: bool = True
+    max_aspect: float = 2.5
+
+
+def image_key(item: Item, size: tuple[int, int], ids: ModelIds, dtype: str) -> str:
+    """Key of an image latent: image bytes, bucket size, pixel recipe, VAE files, dtype."""
+    return _key("image", CACHE_VERSION, item.digest, list(size), PIXEL_RECIPE, ids.vae, dtype)
+
+
+def text_key(caption: str, ids: ModelIds, spec: CacheSpec) -> str:
+    """Key of a text embedding: caption, text encoders + tokenizers, sequence length, dtype."""
+    return _key("text", CACHE_VERSION, caption, ids.text, spec.max_sequence_length, spec.dtype)
+
+
+@dataclass
+class CacheResult:
+    """What :func:`prepare` did: the manifest training reads and how much was encoded or reused."""
+
+    manifest: Path
+    items: int
+    encoded_images: int
+    encoded_texts: int
+    reused_images: int
+    reused_texts: int
+    skips: Skips = field(default_factory=Skips)
+
+    def summary(self) -> str:
+        line = (
+            f"cache: {self.items} items ready; encoded {self.encoded_images} images + "
+            f"{self.encoded_texts} prompts, reused {self.reused_images} + {self.reused_texts}"
+        )
+        return line + (f"; {self.skips.summary()}" if len(self.skips) else "")
+
+
+# (images, texts) -> a loaded family with encode_images / encode_prompts / free_encoders
+EncoderLoader = Callable[[bool, bool], Any]
+
+
+def prepare(
+    items: Sequence[Item],
+    validation_prompts: Sequence[str],
+    spec: CacheSpec,
+    root: str | Path,
+    load_encoders: EncoderLoader,
+    *,
+    progress: bool = True,
+) -> CacheResult:
+    """Make sure every latent and embedding ``items`` need is in the store under ``root``; write the
+    manifest. Encoders are loaded (by ``load_encoders``) only if something is missing, and only the
+    side that is missing; images that fail to decode are skipped before anything loads."""
+    store = Store(Path(root).expanduser() / STORE_NAME)
+    ids = model_ids(spec.model_path, Fingerprints(store.root / "fingerprints.json"))
+    sizes = [
+        bucket_for(
+            it.width, it.height, spec.resolution, ids.multiple,
+            enabled=spec.buckets, max_aspect=spec.max_aspect, aspect=it.aspect,
+        )
+        for it in items
+    ]  # fmt: skip
+    image_keys = [image_key(it, size, ids, spec.dtype) for it, size in zip(items, sizes, strict=True)]
+    prompts = {text_key(p, ids, spec): p for p in ["", *validation_prompts, *(it.caption for it in items)]}
+    missing_images, missing_texts = store.missing(image_keys), store.missing(prompts)
+    todo_images: dict[str, tuple[Item, tuple[int, int]]] = {}
+    for it, size, key in zip(items, sizes, image_keys, strict=True):
+        if key in missing_images:
+            todo_images.setdefault(key, (it, size))
+    todo_texts = {k: p for k, p in prompts.items() if k in missing_texts}
+    good, skips = verify_items(it for it, _ in todo_images.values())  # before any encoder loads
+    usable = set(good)
+    failed = {k for k, (it, _) in todo_images.items() if it not in usable}
+    todo_images = {k: v for k, v in todo_images.items() if k not in failed}
+    if todo_images or todo_texts:
+        failed |= _encode(load_encoders, todo_images, todo_texts, store, skips, progress)
+    keep = [i for i, key in enumerate(image_keys) if key not in failed]
+    if not keep:
+        raise UserError(f"no image of the dataset could be decoded ({skips.summary()})")
+    if skips:
+        log.warning("cache: %s", skips.summary())
+    manifest = {
+        "version": CACHE_VERSION,
+        "spec": asdict(spec),
+        "ids": asdict(ids),
+        "items": [
+            {"name": items[i].label, "caption": items[i].caption, "image": image_keys[i],
+             "text": text_key(items[i].caption, ids, spec), "size": list(sizes[i])}
+            for i in keep
+        ],
+        "empty": text_key("", ids, spec),
+        "validation": [{"prompt": p, "text": text_key(p, ids, spec)} for p in validation_prompts],
+    }  # fmt: skip
+    encoded_images = len(todo_images) - len(failed & set(todo_images))
+    return CacheResult(
+        store.write_manifest(manifest),
+        len(keep),
+        encoded_images,
+        len(todo_texts),
+        len(set(image_keys) - missing_images),
+        len(prompts) - len(todo_texts),
+        skips,
+    )
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _encode(
+    load_encoders: EncoderLoader,
+    images: dict[str, tuple[Item, tuple[int, int]]],
+    texts: dict[str, str],
+    store: Store,
+    skips: Skips,
+    progress: bool,
+) -> set[str]:
+    """Load the encoders, write one shard per chunk, free them; returns image keys that failed."""
+    family = load_encoders(bool(images), bool(texts))
+    bar = tqdm(
+        total=len(images) + len(texts), desc="cache", unit="item", disable=not progress, dynamic_ncols=True
+    )
+    try:
+        for chunk in _chunks(list(texts.items()), ENCODE_BATCH):
+            encoded = family.encode_prompts([prompt for _, prompt in chunk])
+            store.write_shard(
+                {f"{key}.{name}": encoded[name][i].detach().cpu().clone()
+                 for i, (key, _) in enumerate(chunk) for name in TEXT_FIELDS}
+            )  # fmt: skip
+            bar.update(len(chunk))
+        failed: set[str] = set()
+        by_size: dict[tuple[int, int], list[tuple[str, Item]]] = {}
+        for key, (item, size) in images.items():
+            by_size.setdefault(size, []).append((key, item))
+        for size in sorted(by_size):
+            for chunk in _chunks(by_size[size], ENCODE_BATCH):
+                failed |= _encode_images(family, chunk, size, store, skips)
+                bar.update(len(chunk))
+        return failed
+    finally:
+        bar.close()
+        family.free_encoders()
+        del family
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _encode_images(
+    family: Any, chunk: Sequence[tuple[str, Item]], size: tuple[int, int], store: Store, skips: Skips
+) -> set[str]:
+    """Encode one same-size chunk into one shard; an image that changed or broke since the checks
+    is skipped (with a warning), never a crash."""
+    pixels, keys, failed = [], [], set()
+    for key, item in chunk:
+        data = read_image_bytes(item)
+        if hashlib.sha256(data).hexdigest() != item.digest:
+            skips.add(item.label, "changed while caching (run again to pick up the new file)")
+            failed.add(key)
+            continue
+        try:
+            pixels.append(load_pixels(data, size))
+        except BadImage as exc:
+            skips.add(item.label, str(exc))
+            failed.add(key)
+            continue
+        keys.append(key)
+    if keys:
+        latents = family.encode_images(torch.stack(pixels)).detach().float().cpu()
+        store.write_shard({f"{key}.latents": latents[i].clone() for i, key in enumerate(keys)})
+    return failed
+
+
+# ---------------------------------------------------------------- what training reads
+
+
+def _generator(*parts: Any) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` alone: the same draws in every process and after resume."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 @dataclass
 class CachedData:
-    """Everything training reads: latents, caption embeddings, empty-prompt and validation embeddings."""
+    """Everything training reads: latents grouped by bucket, caption embeddings (one row per distinct
+    caption), the empty-prompt and validation embeddings.
 
-    latents: Tensor
-    cond: dict[str, Tensor]
-    empty: dict[str, Tensor]
-    validation: dict[str, Tensor]
+    Batches are a pure function of (batch number, global batch size, seed): a resumed run, or
+    another number of processes on the same global batch, sees exactly the same rows, and caption
+    dropout is drawn the same way (never baked into the cache).
+    """
+
+    latents: list[Tensor]  # per bucket: (n_b, C, h, w)
+    bucket_rows: list[Tensor]  # per bucket: its dataset rows, ascending
+    row_bucket: Tensor  # (N,) bucket of each row
+    row_pos: Tensor  # (N,) position of each row within its bucket
+    text: dict[str, Tensor]  # distinct captions: (U, ...)
+    row_text: Tensor  # (N,) caption row of each dataset row
+    empty: dict[str, Tensor]  # (1, ...)
+    validation: dict[str, Tensor]  # (V, ...)
     captions: list[str]
     validation_prompts: list[str]
+    caption_dropout: float = 0.0
+    manifest: Path | None = None
+    _epoch_memo: dict[tuple[int, int, int], list[Tensor]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_rows(
+        cls,
+        latents: Sequence[Tensor],
+        text_rows: Sequence[int],
+        text: dict[str, Tensor],
+        empty: dict[str, Tensor],
+        validation: dict[str, Tensor],
+        captions: list[str],
+        validation_prompts: list[str],
+        **extra: Any,
+    ) -> CachedData:
+        """Group per-row latents (C, h, w) into buckets by shape; ``text_rows`` index ``text``."""
+        shapes = sorted({tuple(z.shape) for z in latents})
+        row_bucket = torch.tensor([shapes.index(tuple(z.shape)) for z in latents], dtype=torch.long)
+        bucket_rows = [torch.nonzero(row_bucket == b).flatten() for b in range(len(shapes))]
+        row_pos = torch.empty(len(latents), dtype=torch.long)
+        for rows in bucket_rows:
+            row_pos[rows] = torch.arange(len(rows))
+        stacked = [torch.stack([latents[int(r)] for r in rows]) for rows in bucket_rows]
+        return cls(
+            stacked, bucket_rows, row_bucket, row_pos, text, torch.tensor(list(text_rows), dtype=torch.long),
+            empty, validation, captions, validation_prompts, **extra,
+        )  # fmt: skip
 
     def __len__(self) -> int:
-        return self.latents.shape[0]
+        return int(self.row_bucket.shape[0])
+
+    @property
+    def bucket_sizes(self) -> list[int]:
+        return [len(rows) for rows in self.bucket_rows]
+
+    def batches_per_epoch(self, size: int) -> int:
+        """Each bucket gives ceil(n_b / size) batches an epoch: no image is ever dropped."""
+        return sum(math.ceil(n / size) for n in self.bucket_sizes)
+
+    def _epoch(self, epoch: int, size: int, seed: int) -> list[Tensor]:
+        memo_key = (epoch, size, seed)
+        if memo_key not in self._epoch_memo:
+            batches = []
+            for b, members in enumerate(self.bucket_rows):
+                perm = members[torch.randperm(len(members), generator=_generator("rows", seed, epoch, b))]
+                for k in range(math.ceil(len(perm) / size)):
+                    # the last batch of a bucket is topped up from its start, never dropped or mixed
+                    batches.append(perm[torch.arange(k * size, (k + 1) * size) % len(perm)])
+            order = torch.randperm(len(batches), generator=_generator("order", seed, epoch))
+            self._epoch_memo.clear()
+            self._epoch_memo[memo_key] = [batches[int(i)] for i in order]
+        return self._epoch_memo[memo_key]
 
     def rows(self, batch_number: int, size: int, seed: int) -> Tensor:
-        """The dataset rows of global batch ``batch_number`` (all processes together, ``size`` rows).
+        """The dataset rows of global batch ``batch_number`` (``size`` rows, all processes together).
 
-        Rows come from an endless stream of seeded per-epoch permutations and the position is just
-        a counter, so a resumed run, or another process count on the same global batch, sees
-        exactly the same rows.
+        Each epoch shuffles every bucket, cuts it into batches and shuffles the batch order, all
+        from seeded generators, so the rows depend on the arguments alone, and all rows of a batch
+        come from one bucket (their latents stack).
         """
-        n, start = len(self), batch_number * size
-        rows = []
-        for pos in range(start, start + size):
-            epoch, offset = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-            rows.append(int(perm[offset]))
-        return torch.tensor(rows, dtype=torch.long)
+        epoch, index = divmod(batch_number, self.batches_per_epoch(size))
+        return self._epoch(epoch, size, seed)[index]
+
+    def caption_drops(self, batch_number: int, size: int, seed: int) -> Tensor:
+        """Which rows of global batch ``batch_number`` train on the empty prompt (caption dropout)."""
+        if self.caption_dropout <= 0:
+            return torch.zeros(size, dtype=torch.bool)
+        return (
+            torch.rand(size, generator=_generator("caption-dropout", seed, batch_number))
+            < self.caption_dropout
+        )
 
     def latents_of(self, rows: Tensor) -> Tensor:
-        """Clean latents of ``rows`` (CPU)."""
-        return self.latents[rows]
+        """Clean latents of ``rows`` (CPU); the rows must share a bucket, as :meth:`rows` guarantees."""
+        buckets = self.row_bucket[rows]
+        if bool((buckets != buckets[0]).any()):
+            raise ValueError("the rows of one batch come from different buckets")
+        return self.latents[int(buckets[0])][self.row_pos[rows]]
 
     def batch(
-        self, indices: Tensor, device: torch.device
+        self, rows: Tensor, device: torch.device, drops: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """(z0, cond, uncond) for rows ``indices``, on ``device``; uncond is the empty prompt repeated."""
-        n = indices.shape[0]
-        cond = {k: v[indices].to(device) for k, v in self.cond.items()}
+        """(z0, cond, uncond) for ``rows`` on ``device``; rows flagged in ``drops`` get the empty
+        prompt as their condition; uncond is the empty prompt repeated."""
+        n = rows.shape[0]
+        cond = {k: v[self.row_text[rows]] for k, v in self.text.items()}  # indexing copies
+        if drops is not None and bool(drops.any()):
+            for k, v in cond.items():
+                v[drops] = self.empty[k][0].to(v.dtype)
+        cond = {k: v.to(device) for k, v in cond.items()}
         uncond = {k: v.expand(n, *v.shape[1:]).to(device) for k, v in self.empty.items()}
-        return self.latents[indices].to(device), cond, uncond
+        return self.latents_of(rows).to(device), cond, uncond
 
 
-def cache_key(
-    model: str,
-    items: Sequence[Item],
-    resolution: int,
-    max_sequence_length: int,
-    validation_prompts: Sequence[str],
-) -> str:
-    """A hash of every input that changes the cached tensors (file size + mtime stand in for bytes)."""
-    record = {
-        "version": CACHE_VERSION,
-        "model": str(Path(model).resolve()) if Path(model).exists() else model,
-        "resolution": resolution,
-        "max_sequence_length": max_sequence_length,
-        "items": [
-            (str(it.image.resolve()), it.image.stat().st_size, it.image.stat().st_mtime_ns, it.caption)
-            for it in items
-        ],
-        "validation": list(validation_prompts),
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+def load_cache(manifest: str | Path, caption_dropout: float = 0.0) -> CachedData:
+    """Read the tensors a manifest written by :func:`prepare` names (no encoder, no model)."""
+    manifest = Path(manifest)
+    record = json.loads(manifest.read_text(encoding="utf-8"))
+    store = Store(manifest.parent.parent, readonly=True)
+    items = record["items"]
+    latents = store.read([it["image"] for it in items], ("latents",))
+    distinct = list(dict.fromkeys(it["text"] for it in items))
+    validation_keys = [v["text"] for v in record["validation"]]
+    texts = store.read([record["empty"], *validation_keys, *distinct], TEXT_FIELDS)
 
+    def stack(keys: Sequence[str]) -> dict[str, Tensor]:
+        if not keys:
+            return {name: texts[record["empty"]][name][None][:0] for name in TEXT_FIELDS}
+        return {name: torch.stack([texts[k][name] for k in keys]) for name in TEXT_FIELDS}
 
-def _encode_all(family: object, items: Sequence[Item], resolution: int, progress: bool) -> dict[str, Tensor]:
-    latents, embeds, pooled = [], [], []
-    bar = tqdm(total=len(items), desc="caching", unit="img", disable=not progress)
-    for start in range(0, len(items), ENCODE_BATCH):
-        chunk = items[start : start + ENCODE_BATCH]
-        pixels = torch.stack([load_pixels(it.image, resolution) for it in chunk])
-        latents.append(family.encode_images(pixels).float().cpu())
-        enc = family.encode_prompts([it.caption for it in chunk])
-        embeds.append(enc["prompt_embeds"].cpu())
-        pooled.append(enc["pooled_prompt_embeds"].cpu())
-        bar.update(len(chunk))
-    bar.close()
-    return {
-        "latents": torch.cat(latents),
-        "prompt_embeds": torch.cat(embeds),
-        "pooled_prompt_embeds": torch.cat(pooled),
-    }
-
-
-def build_cache(
-    family: object,
-    items: Sequence[Item],
-    resolution: int,
-    validation_prompts: Sequence[str],
-    folder: Path,
-    *,
-    progress: bool = True,
-) -> Path:
-    """Encode everything into ``folder`` atomically (temp folder, then rename); reuse it if complete."""
-    if (folder / "index.json").is_file():
-        return folder
-    tensors = _encode_all(family, items, resolution, progress)
-    for name, prompts in (("empty", [""]), ("validation", list(validation_prompts) or [""])):
-        enc = family.encode_prompts(prompts)
-        tensors.update({f"{name}.{k}": v.cpu() for k, v in enc.items()})
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-    index = {
-        "captions": [it.caption for it in items],
-        "images": [str(it.image) for it in items],
-        "validation_prompts": list(validation_prompts),
-        "resolution": resolution,
-    }
-    (tmp / "index.json").write_text(json.dumps(index, indent=1), encoding="utf-8")  # written last
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
-
-
-def load_cache(folder: Path) -> CachedData:
-    """Read a complete cache folder written by :func:`build_cache`."""
-    index = json.loads((folder / "index.json").read_text(encoding="utf-8"))
-    t = load_file(str(folder / "tensors.safetensors"))
-    pick = lambda prefix: {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(prefix + ".")}  # noqa: E731
-    return CachedData(
-        latents=t["latents"],
-        cond={"prompt_embeds": t["prompt_embeds"], "pooled_prompt_embeds": t["pooled_prompt_embeds"]},
-        empty=pick("empty"),
-        validation=pick("validation"),
-        captions=index["captions"],
-        validation_prompts=index["validation_prompts"],
+    position = {key: i for i, key in enumerate(distinct)}
+    return CachedData.from_rows(
+        [latents[it["image"]]["latents"] for it in items],
+        [position[it["text"]] for it in items],
+        stack(distinct),
+        stack([record["empty"]]),
+        stack(validation_keys),
+        [it["caption"] for it in items],
+        [v["prompt"] for v in record["validation"]],
+        caption_dropout=caption_dropout,
+        manifest=manifest,
     )

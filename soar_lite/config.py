@@ -55,16 +55,34 @@ class ModelConfig:
 class DataConfig:
     """Where the captioned images are and how they become cached training tensors."""
 
-    path: str = BUILTIN  # folder of images with same-name .txt captions; "builtin" = toy shapes
-    resolution: int = 0  # square training size in pixels; 0 = the model folder's default (or 1024)
-    caption_ext: str = ".txt"
-    default_caption: str = ""
-    cache_dir: str = ""  # "" = OUTPUT/cache
+    # images + same-name .txt folder, an HF imagefolder (metadata.jsonl/.csv), a save_to_disk dataset
+    # folder, or a SOAR reference .jsonl; "builtin" = toy shapes
+    path: str = BUILTIN
+    format: str = "auto"  # auto | folder | imagefolder | hf | soar_jsonl (auto: from what path holds)
+    resolution: int = 0  # pixel budget = resolution**2; 0 = the model folder's default (else 512)
+    buckets: bool = True  # aspect-ratio buckets; false = centre square crops
+    bucket_max_aspect: float = 2.5  # widest bucket is 2.5:1 (and tallest 1:2.5)
+    caption_ext: str = ".txt"  # folder format: caption file next to each image
+    default_caption: str = ""  # for images whose caption is missing or empty (else they are skipped)
+    trigger_word: str = ""  # put in front of every caption ("tok, a photo of ..."), once
+    caption_dropout: float = 0.0  # share of training rows shown the empty prompt; drawn per batch, never cached
+    image_column: str = ""  # saved HF dataset: "" = "image"
+    caption_column: str = ""  # "" = "text" (imagefolder, HF dataset) or "caption_en" (SOAR jsonl)
+    split: str = "train"  # split of a saved HF DatasetDict / imagefolder subfolder
+    image_dir: str = ""  # SOAR jsonl: folder of <md5>.jpg; "" = the jsonl's folder
+    cache_dir: str = ""  # "" = the shared $SOAR_LITE_HOME/cache (content-addressed: safe to share)
 
     def __post_init__(self) -> None:
         _positive("data.resolution", self.resolution, allow_zero=True)
+        _choice("data.format", self.format, ("auto", "folder", "imagefolder", "hf", "soar_jsonl"))
         if not self.caption_ext.startswith("."):
             raise UserError(f"data.caption_ext={self.caption_ext!r} must start with '.'")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise UserError(f"data.caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+        if self.bucket_max_aspect < 1.0:
+            raise UserError(f"data.bucket_max_aspect={self.bucket_max_aspect!r} must be >= 1 (e.g. 2.5)")
+        if self.split and ("/" in self.split or "\\" in self.split):
+            raise UserError(f"data.split={self.split!r} must be a split name such as train")
 
 
 @dataclass

@@ -32,9 +32,11 @@ from soar_lite.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent / "model_configs"
 ALIASES = {
-    "sd3.5-medium": "sd3.5-medium", "stabilityai/stable-diffusion-3.5-medium": "sd3.5-medium",
-    "sd3.5-large": "sd3.5-large", "stabilityai/stable-diffusion-3.5-large": "sd3.5-large",
-}  # fmt: skip
+    "sd3.5-medium": "sd3.5-medium",
+    "stabilityai/stable-diffusion-3.5-medium": "sd3.5-medium",
+    "sd3.5-large": "sd3.5-large",
+    "stabilityai/stable-diffusion-3.5-large": "sd3.5-large",
+}
 GIB = 2**30
 TOKEN_COEF_JOINT = 14.33  # saved values per token per hidden unit, one joint block, no checkpointing
 TOKEN_COEF_DUAL_IMAGE = 7.3  # extra per image token in a dual-attention (attn2) block
@@ -62,8 +64,10 @@ def transformer_config(model: str) -> dict[str, Any]:
         return dict(build_tiny_components()["transformer"].config)
     file = Path(model) / "transformer" / "config.json"
     if not file.is_file():
-        raise UserError(f"plan: no transformer config for {model!r}; use a pipeline folder or one of: "
-                        f"{', '.join(sorted(set(ALIASES)))}")  # fmt: skip
+        raise UserError(
+            f"plan: no transformer config for {model!r}; use a pipeline folder or one of: "
+            f"{', '.join(sorted(set(ALIASES)))}"
+        )
     return json.loads(file.read_text())
 
 
@@ -139,14 +143,18 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     acts = activation_values(config, resolution, text_tokens, cfg.model.gradient_checkpointing)
     latents = cfg.batch_size * 16 * (resolution // 8) ** 2 * 4
     parts = {
-        f"base weights ({cfg.model.quant}, {cfg.model.dtype})": (linear * per_linear + other * base_bytes) / GIB,
+        f"base weights ({cfg.model.quant}, {cfg.model.dtype})": (linear * per_linear + other * base_bytes)
+        / GIB,
         f"LoRA r{cfg.lora.rank} + grads + {cfg.optim.optimizer} states": lora * (4 + 4 + optim_bytes) / GIB,
         f"activations (batch {cfg.batch_size}, {resolution}px, ckpt "
-        f"{'on' if cfg.model.gradient_checkpointing else 'off'})": cfg.batch_size * acts * act_elem
-        * ACTIVATION_MARGIN / GIB,
+        f"{'on' if cfg.model.gradient_checkpointing else 'off'})": cfg.batch_size
+        * acts
+        * act_elem
+        * ACTIVATION_MARGIN
+        / GIB,
         "SOAR extras (per-term backward, any K)": 0.0 if cfg.effective_lambda_aux == 0 else 6 * latents / GIB,
         "CUDA context + VAE decoder": CUDA_CONTEXT_GB + VAE_DECODER_GB,
-    }  # fmt: skip
+    }
     return Plan(model, parts, tier_gb)
 
 

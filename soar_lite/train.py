@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from soar_lite import cache, checkpoint, lora
 from soar_lite.config import BUILTIN, TrainConfig, config_to_dict
-from soar_lite.data import builtin_data_folder, list_items
+from soar_lite.data import load_items
 from soar_lite.errors import UserError
 from soar_lite.families.sd3 import SD3Family, model_settings
 from soar_lite.objective import Draws, LossReport, NoiseGrid, soar_loss
+from soar_lite.paths import home_dir
 
 RUN_RECORD = "soar_lite_run.json"
 METRICS = "metrics.jsonl"
@@ -86,30 +87,39 @@ def prepare_output(output: Path, resume: str | None, overwrite: bool) -> None:
 def prepare_data(
     cfg: TrainConfig, model_path: str, output: Path, accelerator: Accelerator, progress: bool
 ) -> cache.CachedData:
-    """Cache stage: encoders loaded, everything encoded once, encoders freed; then read the cache."""
-    folder = builtin_data_folder() if cfg.data.path == BUILTIN else Path(cfg.data.path)
-    items = list_items(folder, cfg.data.caption_ext, cfg.data.default_caption)
-    resolution = resolve_resolution(cfg, model_path)
-    prompts = (
-        cfg.validation.prompts
-        or list(dict.fromkeys(it.caption for it in items))[: cfg.validation.num_prompts]
-    )
-    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else output / "cache"
-    seq = cfg.model.max_sequence_length or int(model_settings(model_path).get("max_sequence_length", 256))
-    target = root / cache.cache_key(model_path, items, resolution, seq, prompts)
-    if accelerator.is_main_process and not (target / "index.json").is_file():
-        family = SD3Family.load(
-            model_path,
-            device=accelerator.device,
-            dtype=cfg.model.dtype,
-            max_sequence_length=seq,
-            transformer=False,
+    """Cache stage, on the main process: checked items; whatever is not cached yet is encoded once
+    (encoders loaded only then, only the side needed, and freed after). Every process then reads
+    the same manifest. The cache is content-addressed and shared (``data.cache_dir``), not per
+    ``output``, so other runs on the same data reuse it."""
+    manifest = None
+    if accelerator.is_main_process:
+        report = load_items(cfg.data)
+        captions = list(dict.fromkeys(it.caption for it in report.items))
+        prompts = cfg.validation.prompts or captions[: cfg.validation.num_prompts]
+        seq = cfg.model.max_sequence_length or int(model_settings(model_path).get("max_sequence_length", 256))
+        resolution = resolve_resolution(cfg, model_path)
+        spec = cache.CacheSpec(
+            model_path, cfg.model.dtype, seq, resolution, cfg.data.buckets, cfg.data.bucket_max_aspect
         )
-        cache.build_cache(family, items, resolution, prompts, target, progress=progress)
-        family.free_encoders()
-        del family
-    accelerator.wait_for_everyone()
-    return cache.load_cache(target)
+
+        def load_encoders(images: bool, texts: bool) -> SD3Family:
+            return SD3Family.load(
+                model_path,
+                device=accelerator.device,
+                dtype=cfg.model.dtype,
+                max_sequence_length=seq,
+                transformer=False,
+                text_encoders=texts,
+                vae=images,
+            )
+
+        root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else home_dir() / "cache"
+        result = cache.prepare(report.items, prompts, spec, root, load_encoders, progress=progress)
+        if progress:
+            print(result.summary())
+        manifest = str(result.manifest)
+    manifest = _broadcast_str(accelerator, manifest)
+    return cache.load_cache(manifest, caption_dropout=cfg.data.caption_dropout)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Any:
@@ -166,10 +176,11 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
     totals = LossReport(torch.zeros(()), 0.0, 0.0, 0, 0, 0, 0)
     for micro in range(accum):
         rows = run.data.rows(state.batches, cfg.batch_size * world, cfg.seed)
+        drops = run.data.caption_drops(state.batches, cfg.batch_size * world, cfg.seed)
         mine = slice(acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size)
         z0_all = run.data.latents_of(rows)
         draws = Draws.sample(z0_all.to(acc.device), soar_cfg, run.grid, run.generator).select(mine, soar_cfg)
-        z0, cond, uncond = run.data.batch(rows[mine], acc.device)
+        z0, cond, uncond = run.data.batch(rows[mine], acc.device, drops[mine])
 
         def backward(term: torch.Tensor, is_last: bool, final_micro: bool = micro == accum - 1) -> None:
             sync = contextlib.nullcontext() if (is_last and final_micro) else acc.no_sync(run.model)
@@ -304,6 +315,12 @@ def train(
     if cfg.objective == "both":
         for arm in ("sft", "soar"):
             train(cfg.arm(arm), output / arm, resume=resume, overwrite=overwrite, progress=progress)
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # base / SFT / SOAR side by side in OUTPUT/compare
+            from soar_lite.sample import compare_arms
+
+            compare_arms(cfg, output)
         return output
     acc = make_accelerator(cfg)
     if acc.is_main_process:

@@ -20,18 +20,33 @@ def _measured_saved_bytes(dual: bool, image_side: int, text_tokens: int) -> tupl
     from soar_lite.lora import add_lora
 
     torch.manual_seed(0)
-    kwargs = dict(sample_size=image_side, patch_size=2, in_channels=16, out_channels=16, num_layers=3,
-                  attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
-                  pooled_projection_dim=64, pos_embed_max_size=64, qk_norm="rms_norm",
-                  dual_attention_layers=(0, 1) if dual else ())  # fmt: skip
+    kwargs = dict(
+        sample_size=image_side,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=3,
+        attention_head_dim=64,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
+        pos_embed_max_size=64,
+        qk_norm="rms_norm",
+        dual_attention_layers=(0, 1) if dual else (),
+    )
     model = SD3Transformer2DModel(**kwargs)
     model.requires_grad_(False)
     add_lora(model, LoraConfig(rank=8, alpha=8.0))
     meter = SavedTensorMeter(model.parameters())
     with meter.hooks():
-        out = model(hidden_states=torch.randn(1, 16, image_side, image_side), timestep=torch.tensor([500.0]),
-                    encoder_hidden_states=torch.randn(1, text_tokens, 64), pooled_projections=torch.randn(1, 64),
-                    return_dict=False)[0]  # fmt: skip
+        out = model(
+            hidden_states=torch.randn(1, 16, image_side, image_side),
+            timestep=torch.tensor([500.0]),
+            encoder_hidden_states=torch.randn(1, text_tokens, 64),
+            pooled_projections=torch.randn(1, 64),
+            return_dict=False,
+        )[0]
         out.square().mean().backward()
     return meter.peak, kwargs
 

@@ -85,18 +85,31 @@ def build_model(layers: int, seed: int = 0) -> tuple[torch.nn.Module, list[torch
 
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=layers,
-        attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
-        pooled_projection_dim=64, pos_embed_max_size=32,
-    )  # fmt: skip
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=layers,
+        attention_head_dim=64,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )
     model.requires_grad_(False)
     return model, add_lora(model, LoraConfig(rank=8, alpha=8.0))
 
 
 def _velocity(model: torch.nn.Module) -> Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]:
     def f(z: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
-        return model(hidden_states=z, timestep=t, encoder_hidden_states=c["prompt_embeds"],
-                     pooled_projections=c["pooled_prompt_embeds"], return_dict=False)[0]  # fmt: skip
+        return model(
+            hidden_states=z,
+            timestep=t,
+            encoder_hidden_states=c["prompt_embeds"],
+            pooled_projections=c["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
 
     return f
 
@@ -182,8 +195,10 @@ def run_bench(
     grid = replace(grid, sigmas=grid.sigmas.to(device), timesteps=grid.timesteps.to(device))
     g = torch.Generator(device=device).manual_seed(0)
     z0 = torch.randn(batch, 16, 16, 16, generator=g, device=device)
-    cond = {"prompt_embeds": torch.randn(batch, text_tokens, 64, generator=g, device=device),
-            "pooled_prompt_embeds": torch.randn(batch, 64, generator=g, device=device)}  # fmt: skip
+    cond = {
+        "prompt_embeds": torch.randn(batch, text_tokens, 64, generator=g, device=device),
+        "pooled_prompt_embeds": torch.randn(batch, 64, generator=g, device=device),
+    }
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     variants = _variants(list(ks))
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -225,11 +240,15 @@ def _report(variants: dict, times: dict, memory: dict, setup: dict) -> dict[str,
         if spec["style"] == "reference":
             floor = (3 + 2 + 3 * k) / 3
         rows[name] = {
-            "k": k, "style": spec["style"], "median_step_s": median[name],
-            "spread_s": [min(times[name]), max(times[name])], "ratio_to_sft": median[name] / sft,
-            "flop_floor_ratio": floor, **memory[name],
+            "k": k,
+            "style": spec["style"],
+            "median_step_s": median[name],
+            "spread_s": [min(times[name]), max(times[name])],
+            "ratio_to_sft": median[name] / sft,
+            "flop_floor_ratio": floor,
+            **memory[name],
             "memory_ratio_to_sft": memory[name]["saved_activation_peak_mb"] / sft_memory,
-        }  # fmt: skip
+        }
     kmax = max(v["k"] for v in variants.values())
     ours, ref = rows[f"soar_k{kmax}"], rows[f"reference_k{kmax}"]
     return {
