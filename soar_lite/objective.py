@@ -72,6 +72,7 @@ class Draws:
     t0: Tensor  # (B,)
     drop_cond: bool = False
     paths: list[PathDraws] = field(default_factory=list)
+    keep: Tensor | None = None  # with an aux budget: which of the K points this step trains
 
     @classmethod
     def sample(cls, z0: Tensor, cfg: SoarConfig, grid: NoiseGrid, generator: torch.Generator | None) -> Draws:
@@ -91,6 +92,8 @@ class Draws:
         for _ in range(1, cfg.num_rollout_paths if active else 1):
             eps = torch.randn((active, *z0.shape[1:]), generator=generator, device=device)
             draws.paths.append(PathDraws(eps, torch.rand((k, active), generator=generator, device=device)))
+        if 0 < cfg.aux_budget < k:
+            draws.keep = torch.randperm(k, generator=generator, device=device)[: cfg.aux_budget].sort().values
         return draws
 
     def select(self, rows: slice, cfg: SoarConfig) -> Draws:
@@ -102,7 +105,7 @@ class Draws:
             PathDraws(None, p.u[:, rows]) if p.eps is None else PathDraws(p.eps[in_active], p.u[:, in_active])
             for p in self.paths
         ]
-        return Draws(self.z1[rows], self.t0[rows], self.drop_cond, paths)
+        return Draws(self.z1[rows], self.t0[rows], self.drop_cond, paths, self.keep)
 
 
 @dataclass
@@ -314,21 +317,23 @@ def _auxiliary_terms(
         )
         starts.append((z_sde.to(z0.dtype), active))
     pairs = [(start, path) for start, path in zip(starts, draws.paths, strict=True) if path.u.shape[1] > 0]
-    total = sum(path.u.shape[0] for _, path in pairs)
+    points = draws.keep.tolist() if draws.keep is not None else list(range(cfg.trajectory_length))
+    reweight = cfg.trajectory_length / len(points)  # k of K points: unbiased estimate of the K-point sum
+    total = len(points) * len(pairs)
     done = 0
     aux_sum = torch.zeros((), device=z0.device)
     for (z1p, idx), path in pairs:
         sub = (lambda x: x) if idx is None else (lambda x, i=idx: x[i])
         s1_p, z1_p, z0_p, c_p = sub(s1), sub(draws.z1), sub(z0), _index(cond, idx)
-        for k in range(path.u.shape[0]):
+        for k in points:
             s_aux = s1_p + path.u[k].to(z0.device) * (1 - s1_p)
             a = _bcast((s_aux - s1_p) / (1 - s1_p), z0_p)
             z_aux = (1 - a) * z1p + a * z1_p
             v = velocity(z_aux, timesteps[grid.index_of_sigma(s_aux)], c_p)
             target = (z_aux.float() - z0_p.float()) / _bcast(s_aux.float(), z0_p.float())
             term = _weighted_sq_error(v, target, compute_loss_weighting_for_sd3(cfg.weighting_scheme, s_aux))
-            aux_sum = aux_sum + term.detach().float()  # one device sync at the end, not one per term
+            aux_sum = aux_sum + reweight * term.detach().float()  # synced once, at the end
             done += 1
             report.grad_forwards += 1
-            emit(cfg.lambda_aux * term, done == total)
+            emit(cfg.lambda_aux * reweight * term, done == total)
     report.sum_aux = float(aux_sum)

@@ -85,8 +85,13 @@ class TinyVelocity(nn.Module):
         dtype = latents.dtype
         phase = timesteps.to(dtype)[:, None] * self.freqs.to(dtype)
         ctx = torch.cat(
-            [torch.tanh(cond["prompt_embeds"].to(dtype)).mean(1), cond["pooled_prompt_embeds"].to(dtype),
-             phase.sin(), phase.cos()], dim=-1,
+            [
+                torch.tanh(cond["prompt_embeds"].to(dtype)).mean(1),
+                cond["pooled_prompt_embeds"].to(dtype),
+                phase.sin(),
+                phase.cos(),
+            ],
+            dim=-1,
         )
         scale, shift = self.ctx(ctx).chunk(2, dim=-1)
         x = latents.permute(0, 2, 3, 1)  # (B, H, W, C); torch's CPU conv2d is slow at this size
@@ -123,8 +128,9 @@ def active_mask(t0: Tensor, num_sampling_steps: int) -> list[bool]:
     return [max(float(t) - 1.0 / num_sampling_steps, 0.0) > 0 for t in t0]
 
 
-def pinned_draws(cfg: SoarConfig, dtype: torch.dtype, t0: tuple[float, ...] = PINNED_T0,
-                 seed: int = 2) -> Draws:
+def pinned_draws(
+    cfg: SoarConfig, dtype: torch.dtype, t0: tuple[float, ...] = PINNED_T0, seed: int = 2
+) -> Draws:
     """Hand-built draws. Values are drawn in fp32 and cast, so the implementation's fp32 casts are exact."""
     g = torch.Generator().manual_seed(seed)
     batch, k = len(t0), cfg.trajectory_length
@@ -149,19 +155,22 @@ def zero_grads(model: nn.Module) -> None:
         p.grad = None
 
 
-def grads_close(actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float,
-                scaled_atol: float) -> bool:
+def grads_close(
+    actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float, scaled_atol: float
+) -> bool:
     """Element-wise |a - e| <= atol + rtol |e|, with atol = scaled_atol * max|e| of each tensor."""
     assert actual.keys() == expected.keys()
     return all(
-        torch.allclose(actual[name], expected[name], rtol=rtol,
-                       atol=scaled_atol * float(expected[name].abs().max()))
+        torch.allclose(
+            actual[name], expected[name], rtol=rtol, atol=scaled_atol * float(expected[name].abs().max())
+        )
         for name in expected
     )
 
 
-def assert_grads_close(actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float,
-                       scaled_atol: float) -> None:
+def assert_grads_close(
+    actual: dict[str, Tensor], expected: dict[str, Tensor], rtol: float, scaled_atol: float
+) -> None:
     assert actual.keys() == expected.keys()
     for name in expected:
         atol = scaled_atol * float(expected[name].abs().max())
@@ -182,11 +191,13 @@ class Recorder:
         self.calls: list[dict] = []
 
     def __call__(self, latents: Tensor, timesteps: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        self.calls.append({
-            "grad": torch.is_grad_enabled(),
-            "batch": latents.shape[0],
-            "cond": {key: value.detach().clone() for key, value in cond.items()},
-        })
+        self.calls.append(
+            {
+                "grad": torch.is_grad_enabled(),
+                "batch": latents.shape[0],
+                "cond": {key: value.detach().clone() for key, value in cond.items()},
+            }
+        )
         return self.model(latents, timesteps, cond)
 
     @property
@@ -198,14 +209,23 @@ class Recorder:
         return sum(not call["grad"] for call in self.calls)
 
 
-def run_soar(model: nn.Module, z0: Tensor, cond: dict, uncond: dict, grid: NoiseGrid, cfg: SoarConfig,
-             per_term: bool, **kwargs) -> tuple[Tensor, dict[str, Tensor], object]:
+def run_soar(
+    model: nn.Module,
+    z0: Tensor,
+    cond: dict,
+    uncond: dict,
+    grid: NoiseGrid,
+    cfg: SoarConfig,
+    per_term: bool,
+    **kwargs,
+) -> tuple[Tensor, dict[str, Tensor], object]:
     """soar_loss, then its gradients (joint: one loss.backward(); per-term: backward callback)."""
     module = model.model if isinstance(model, Recorder) else model
     zero_grads(module)
     if per_term:
-        report = soar_loss(model, z0, cond, uncond, grid, cfg,
-                           backward=lambda term, last: term.backward(), **kwargs)
+        report = soar_loss(
+            model, z0, cond, uncond, grid, cfg, backward=lambda term, last: term.backward(), **kwargs
+        )
     else:
         report = soar_loss(model, z0, cond, uncond, grid, cfg, **kwargs)
         report.loss.backward()
@@ -215,9 +235,17 @@ def run_soar(model: nn.Module, z0: Tensor, cond: dict, uncond: dict, grid: Noise
 # ----------------------------------------------------------------------------- the plain reference
 
 
-def reference_soar(model: nn.Module, z0: Tensor, cond: dict, uncond: dict, cfg: SoarConfig, draws: Draws,
-                   world_size: int = 1, snap_sigma_by: str = "floor",
-                   continuous_target: bool = True) -> Tensor:
+def reference_soar(
+    model: nn.Module,
+    z0: Tensor,
+    cond: dict,
+    uncond: dict,
+    cfg: SoarConfig,
+    draws: Draws,
+    world_size: int = 1,
+    snap_sigma_by: str = "floor",
+    continuous_target: bool = True,
+) -> Tensor:
     """SOAR.md steps 1-7, sample by sample, in float64, sharing nothing with objective.py.
 
     Returns one joint loss whose graph holds the main term and every auxiliary term. The rollout runs
@@ -247,9 +275,14 @@ def reference_soar(model: nn.Module, z0: Tensor, cond: dict, uncond: dict, cfg: 
         return float(compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigma))
 
     def f(z: Tensor, timestep: float, c: dict, b: int) -> Tensor:
-        out = model(z[None].double(), torch.tensor([timestep], dtype=torch.float64),
-                    {"prompt_embeds": c["prompt_embeds"][b:b + 1].double(),
-                     "pooled_prompt_embeds": c["pooled_prompt_embeds"][b:b + 1].double()})
+        out = model(
+            z[None].double(),
+            torch.tensor([timestep], dtype=torch.float64),
+            {
+                "prompt_embeds": c["prompt_embeds"][b : b + 1].double(),
+                "pooled_prompt_embeds": c["pooled_prompt_embeds"][b : b + 1].double(),
+            },
+        )
         return out[0]
 
     z0, z1 = z0.double(), draws.z1.double()
@@ -294,14 +327,17 @@ def reference_soar(model: nn.Module, z0: Tensor, cond: dict, uncond: dict, cfg: 
                 elif cfg.sde_rollout_type == "flow_sde":
                     s0_prime = sigmas[1] if s0[b] == 1.0 else s0[b]
                     std = eta * math.sqrt(s0[b] / (1.0 - s0_prime))
-                    z_next = (zs0[b] * (1.0 + std**2 * dt / (2.0 * s0[b]))
-                              + v_cfg[b] * (1.0 + std**2 * (1.0 - s0[b]) / (2.0 * s0[b])) * dt
-                              + std * math.sqrt(max(-dt, 0.0)) * eps)
+                    z_next = (
+                        zs0[b] * (1.0 + std**2 * dt / (2.0 * s0[b]))
+                        + v_cfg[b] * (1.0 + std**2 * (1.0 - s0[b]) / (2.0 * s0[b])) * dt
+                        + std * math.sqrt(max(-dt, 0.0)) * eps
+                    )
                 else:  # cps
                     std = s1[b] * math.sin(eta * math.pi / 2.0)
                     n_hat = zs0[b] + (1.0 - s0[b]) * v_cfg[b]
-                    z_next = ((1.0 - s1[b]) * x0_hat + math.sqrt(max(s1[b] ** 2 - std**2, 0.0)) * n_hat
-                              + std * eps)
+                    z_next = (
+                        (1.0 - s1[b]) * x0_hat + math.sqrt(max(s1[b] ** 2 - std**2, 0.0)) * n_hat + std * eps
+                    )
                 starts.append((b, z_next))
             paths.append(starts)
         # Step 6: K re-noised points per path and sample, corrected back to z0.
@@ -331,16 +367,22 @@ ROLLOUTS = [("ode", 1), *[(kind, 3) for kind in SDE_TYPES]]
 @pytest.mark.parametrize("per_term", [False, True], ids=["joint", "per_term"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize(("rollout", "paths"), ROLLOUTS, ids=[r for r, _ in ROLLOUTS])
-def test_matches_plain_reference(grid: NoiseGrid, rollout: str, paths: int, scheme: str,
-                                 per_term: bool) -> None:
+def test_matches_plain_reference(
+    grid: NoiseGrid, rollout: str, paths: int, scheme: str, per_term: bool
+) -> None:
     """soar_loss's value and trainable-parameter gradients equal the plain step 1-7 reference.
 
     Pinned draws include a sample at the clean boundary (t1 = 0, no stochastic path) and one with
     s0 = 1; lambda_aux = 0.7 so that lambda's two roles (term weight and count weight) both show;
     eta = 0.7 (not the default 0.5, where cps's sin(eta pi / 2) would equal cos(eta pi / 2)).
     """
-    cfg = SoarConfig(lambda_aux=0.7, num_rollout_paths=paths, weighting_scheme=scheme, sde_noise_scale=0.7,
-                     sde_rollout_type="flow_sde" if rollout == "ode" else rollout)
+    cfg = SoarConfig(
+        lambda_aux=0.7,
+        num_rollout_paths=paths,
+        weighting_scheme=scheme,
+        sde_noise_scale=0.7,
+        sde_rollout_type="flow_sde" if rollout == "ode" else rollout,
+    )
     model = make_model(torch.float64)
     z0, cond, uncond = make_batch(len(PINNED_T0), torch.float64)
     draws = pinned_draws(cfg, torch.float64)
@@ -404,8 +446,11 @@ def test_stochastic_step_formulas(grid: NoiseGrid, kind: str) -> None:
             want = (1 - a1) * x0_hat + a1 * e
         elif kind == "flow_sde":
             std = eta * math.sqrt(a0 / (1 - (sigma_1 if a0 == 1.0 else a0)))
-            want = (z * (1 + std**2 * dt / (2 * a0)) + vb * (1 + std**2 * (1 - a0) / (2 * a0)) * dt
-                    + std * math.sqrt(max(-dt, 0.0)) * e)
+            want = (
+                z * (1 + std**2 * dt / (2 * a0))
+                + vb * (1 + std**2 * (1 - a0) / (2 * a0)) * dt
+                + std * math.sqrt(max(-dt, 0.0)) * e
+            )
         else:
             std = a1 * math.sin(eta * math.pi / 2)
             want = (1 - a1) * x0_hat + math.sqrt(max(a1**2 - std**2, 0.0)) * (z + (1 - a0) * vb) + std * e
@@ -594,8 +639,9 @@ def test_generator_reproducible(grid: NoiseGrid) -> None:
     z0, cond, uncond = make_batch(4, torch.float32)
 
     def run(seed: int) -> tuple[Tensor, dict]:
-        loss, grads, _ = run_soar(model, z0, cond, uncond, grid, cfg, False,
-                                  generator=torch.Generator().manual_seed(seed))
+        loss, grads, _ = run_soar(
+            model, z0, cond, uncond, grid, cfg, False, generator=torch.Generator().manual_seed(seed)
+        )
         return loss, grads
 
     loss_a, grads_a = run(7)
@@ -623,8 +669,9 @@ def test_generator_reproducible(grid: NoiseGrid) -> None:
         ((0.05, 0.2), 1.0, 3, 2, 10, (2, 3 * (2 + 1))),  # num_sampling_steps 10: the boundary is 0.1
     ],
 )
-def test_count_terms(grid: NoiseGrid, t0: tuple, lam: float, k: int, paths: int, steps: int,
-                     expected: tuple[int, int]) -> None:
+def test_count_terms(
+    grid: NoiseGrid, t0: tuple, lam: float, k: int, paths: int, steps: int, expected: tuple[int, int]
+) -> None:
     """count_terms = (B, K (B + (M-1) n_active)), and it is what soar_loss actually supervises."""
     cfg = SoarConfig(lambda_aux=lam, trajectory_length=k, num_rollout_paths=paths, num_sampling_steps=steps)
     assert count_terms(torch.tensor(t0), cfg) == expected
@@ -653,14 +700,34 @@ def test_reduce_sum_and_world_size(grid: NoiseGrid) -> None:
     assert n_main == 5 and n_aux == 2 * (5 + 2 * 4)  # one sample at the clean boundary
 
     single, single_grads, report = run_soar(model, z0, cond, uncond, grid, cfg, False, draws=draws)
-    doubled, doubled_grads, _ = run_soar(model, z0, cond, uncond, grid, cfg, False, draws=draws,
-                                         reduce_sum=lambda counts: counts * 2, world_size=2)
+    doubled, doubled_grads, _ = run_soar(
+        model,
+        z0,
+        cond,
+        uncond,
+        grid,
+        cfg,
+        False,
+        draws=draws,
+        reduce_sum=lambda counts: counts * 2,
+        world_size=2,
+    )
     assert torch.equal(single, doubled)
     assert_grads_equal(single_grads, doubled_grads)
 
     other = torch.tensor([3.0, 20.0])
-    uneven, _, _ = run_soar(model, z0, cond, uncond, grid, cfg, False, draws=draws,
-                            reduce_sum=lambda counts: counts + other, world_size=2)
+    uneven, _, _ = run_soar(
+        model,
+        z0,
+        cond,
+        uncond,
+        grid,
+        cfg,
+        False,
+        draws=draws,
+        reduce_sum=lambda counts: counts + other,
+        world_size=2,
+    )
     local_sum = report.sum_main + cfg.lambda_aux * report.sum_aux
     expected = local_sum * 2 / (n_main + 3 + cfg.lambda_aux * (n_aux + 20))
     torch.testing.assert_close(float(uneven), expected, rtol=1e-6, atol=0)
@@ -691,8 +758,18 @@ def test_sharded_draws_reproduce_the_global_batch(grid: NoiseGrid) -> None:
     grad_sum = {name: torch.zeros_like(g) for name, g in full_grads.items()}
     for rows, part in zip(shards, parts, strict=True):
         sub = lambda c, r=rows: {key: value[r] for key, value in c.items()}  # noqa: E731
-        loss, grads, _ = run_soar(model, z0[rows], sub(cond), sub(uncond), grid, cfg, True, draws=part,
-                                  reduce_sum=lambda counts: total.to(counts), world_size=2)
+        loss, grads, _ = run_soar(
+            model,
+            z0[rows],
+            sub(cond),
+            sub(uncond),
+            grid,
+            cfg,
+            True,
+            draws=part,
+            reduce_sum=lambda counts: total.to(counts),
+            world_size=2,
+        )
         loss_sum += loss.double()
         for name in grad_sum:
             grad_sum[name] += grads[name]
@@ -713,8 +790,9 @@ def test_cond_dropout_uses_uncond_everywhere(grid: NoiseGrid) -> None:
         return all(torch.equal(call["cond"][key], empty[key].expand_as(call["cond"][key])) for key in empty)
 
     for reuse in (True, False):
-        cfg = SoarConfig(cond_dropout_rate=1.0, num_rollout_paths=3, trajectory_length=2,
-                         reuse_main_pass=reuse)
+        cfg = SoarConfig(
+            cond_dropout_rate=1.0, num_rollout_paths=3, trajectory_length=2, reuse_main_pass=reuse
+        )
         recorder = Recorder(model)
         dropped = soar_loss(recorder, z0, cond, uncond, grid, cfg, generator=torch.Generator().manual_seed(3))
         assert len(recorder.calls) == dropped.grad_forwards + dropped.nograd_forwards
@@ -763,8 +841,9 @@ class _Held:
         self.meter.alive -= self.nbytes
 
 
-def saved_peak(grid: NoiseGrid, k: int, per_term: bool, lambda_aux: float = 1.0,
-               paths: int = 1) -> tuple[int, int]:
+def saved_peak(
+    grid: NoiseGrid, k: int, per_term: bool, lambda_aux: float = 1.0, paths: int = 1
+) -> tuple[int, int]:
     """(peak, alive afterwards) of saved-tensor bytes over one full step (forwards and backward)."""
     cfg = SoarConfig(trajectory_length=k, lambda_aux=lambda_aux, num_rollout_paths=paths)
     model = make_model(torch.float32)
@@ -799,3 +878,67 @@ def test_per_term_backward_keeps_one_graph_alive(grid: NoiseGrid) -> None:
     assert per_term_1 <= 1.05 * sft and per_term_6 <= 1.05 * sft and per_term_6_m3 <= 1.05 * sft
     assert joint_1 >= 1.8 * per_term_1
     assert joint_6 >= 6 * per_term_6
+
+
+# ---------------------------------------------------------------- auxiliary-point budget (k of K)
+
+
+def _budget_grads(keep: list[int] | None, k_total: int = 3) -> tuple[float, list[torch.Tensor], int]:
+    """Loss, LoRA-like grads and velocity calls of one step with the aux points restricted to ``keep``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from soar_lite.config import SoarConfig
+    from soar_lite.objective import Draws, NoiseGrid, soar_loss
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    calls = []
+
+    def velocity(z, t, c):
+        calls.append(1)
+        h = (
+            z.permute(0, 2, 3, 1)
+            + c["pooled_prompt_embeds"][:, None, None, :4]
+            + t[:, None, None, None] / 1000
+        )
+        return net(h).permute(0, 3, 1, 2)
+
+    g = torch.Generator().manual_seed(3)
+    z0 = torch.randn(3, 4, 2, 2, generator=g)
+    cond = {
+        "prompt_embeds": torch.randn(3, 2, 4, generator=g),
+        "pooled_prompt_embeds": torch.randn(3, 4, generator=g),
+    }
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    cfg = SoarConfig(trajectory_length=k_total, aux_budget=len(keep) if keep else 0)
+    grid = NoiseGrid.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    draws = Draws.sample(z0, SoarConfig(trajectory_length=k_total), grid, torch.Generator().manual_seed(5))
+    draws.keep = torch.tensor(keep) if keep is not None else None
+    report = soar_loss(velocity, z0, cond, uncond, grid, cfg, draws=draws)
+    report.loss.backward()
+    return float(report.loss), [p.grad.clone() for p in net.parameters()], len(calls)
+
+
+def test_aux_budget_is_an_unbiased_estimate_of_the_full_k_step():
+    """Averaged over every 1-of-3 choice, the reweighted loss and gradient equal the full K=3 step."""
+    full_loss, full_grads, full_calls = _budget_grads(None)
+    runs = [_budget_grads([i]) for i in range(3)]
+    assert full_calls == 1 + 1 + 3 and all(calls == 1 + 1 + 1 for _, _, calls in runs)
+    assert abs(sum(loss for loss, _, _ in runs) / 3 - full_loss) < 1e-6
+    for i, full in enumerate(full_grads):
+        torch.testing.assert_close(sum(grads[i] for _, grads, _ in runs) / 3, full, rtol=1e-5, atol=1e-7)
+
+
+def test_aux_budget_draw_comes_last_and_keeps_sorted_distinct_points():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from soar_lite.config import SoarConfig
+    from soar_lite.objective import Draws, NoiseGrid
+
+    grid = NoiseGrid.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
+    z0 = torch.zeros(2, 4, 2, 2)
+    plain = Draws.sample(z0, SoarConfig(), grid, torch.Generator().manual_seed(1))
+    budget = Draws.sample(z0, SoarConfig(aux_budget=2), grid, torch.Generator().manual_seed(1))
+    assert torch.equal(plain.z1, budget.z1) and torch.equal(plain.paths[0].u, budget.paths[0].u)
+    assert plain.keep is None and budget.keep.tolist() == sorted(set(budget.keep.tolist()))
+    assert len(budget.keep) == 2
