@@ -1,8 +1,10 @@
 """Quantized frozen bases: which backend runs where, and a clear error before any long work.
 
-bitsandbytes NF4 / int8 load through diffusers only with CUDA; torchao int8 weight-only runs on
-CPU too; torchao float8 needs a GPU with compute capability >= 8.9. LoRA weights stay in full
-precision on top of the quantized linears.
+bitsandbytes NF4 / int8 load through diffusers (quantized while loading) only with CUDA; on the
+CPU the same bitsandbytes modules are swapped in after loading (``quantize_bnb_linears``), so the
+NF4 / int8 training path is tested here too. torchao int8 weight-only runs on CPU and GPU; torchao
+float8 needs a GPU with compute capability >= 8.9. LoRA weights stay in full precision on top of
+the quantized linears, and the same quantized base serves the training passes and the rollout.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from soar_lite.errors import UserError
 
-RUNS_ON_CPU = ("none", "torchao-int8")
+RUNS_ON_CPU = ("none", "torchao-int8", "nf4", "int8")
 
 
 def check_backend(quant: str, device: torch.device | str) -> None:
@@ -32,11 +34,13 @@ def check_backend(quant: str, device: torch.device | str) -> None:
         )
 
 
-def diffusers_config(quant: str, compute_dtype: torch.dtype) -> Any:
-    """The diffusers ``quantization_config`` for ``from_pretrained`` (None for an unquantized base)."""
+def diffusers_config(quant: str, compute_dtype: torch.dtype, device: torch.device | str) -> Any:
+    """The diffusers ``quantization_config`` for ``from_pretrained`` (None: unquantized, or bnb on CPU)."""
     if quant == "none":
         return None
     if quant in ("nf4", "int8"):
+        if torch.device(device).type != "cuda":
+            return None  # diffusers refuses bnb without a GPU: quantize_bnb_linears after loading
         from diffusers import BitsAndBytesConfig
 
         if quant == "nf4":
@@ -48,3 +52,36 @@ def diffusers_config(quant: str, compute_dtype: torch.dtype) -> Any:
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
     return TorchAoConfig(Int8WeightOnlyConfig() if quant == "torchao-int8" else Float8WeightOnlyConfig())
+
+
+def quantize_bnb_linears(model: torch.nn.Module, quant: str, compute_dtype: torch.dtype) -> int:
+    """Swap the transformer blocks' ``nn.Linear`` layers for bitsandbytes NF4 / int8 ones (CPU path).
+
+    Quantization happens when the module is moved to a device (``Params4bit`` / ``Int8Params``);
+    embedders and the output layer stay in the base dtype, as diffusers' own bnb path keeps them.
+    Returns the number of layers swapped.
+    """
+    import bitsandbytes as bnb
+
+    blocks = getattr(model, "transformer_blocks", model)
+    swapped = 0
+    for parent in list(blocks.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            weight = child.weight.data.to(compute_dtype)
+            bias = child.bias is not None
+            if quant == "nf4":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias,
+                                          compute_dtype=compute_dtype, quant_type="nf4")  # fmt: skip
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            else:
+                layer = bnb.nn.Linear8bitLt(
+                    child.in_features, child.out_features, bias=bias, has_fp16_weights=False
+                )
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if bias:
+                layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+            setattr(parent, name, layer.to(child.weight.device))
+            swapped += 1
+    return swapped

@@ -115,7 +115,7 @@ class SD3Family:
                     path,
                     subfolder="transformer",
                     dtype=torch_dtype,
-                    quantization_config=quantization.diffusers_config(quant, torch_dtype),
+                    quantization_config=quantization.diffusers_config(quant, torch_dtype, device),
                 )
                 model.requires_grad_(False)
         except OSError as exc:
@@ -124,7 +124,10 @@ class SD3Family:
         stub = _ConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
         pipe.transformer = stub
         pipe.patch_size = stub.config["patch_size"]
-        if model is not None and quant in ("none", "torchao-int8", "torchao-fp8"):
+        bnb_loaded_by_diffusers = quant in ("nf4", "int8") and torch.device(device).type == "cuda"
+        if model is not None and not bnb_loaded_by_diffusers:
+            if quant in ("nf4", "int8"):
+                quantization.quantize_bnb_linears(model, quant, torch_dtype)
             model.to(device)
         return cls(path, torch.device(device), torch_dtype, seq, pipe, model)
 
