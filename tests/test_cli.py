@@ -1,0 +1,76 @@
+"""The CLI: bad input is one line on stderr and exit code 2, never a traceback; presets list and show."""
+
+from __future__ import annotations
+
+import pytest
+
+from soar_lite.cli import main
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "lrr=1"], "unknown setting 'lrr' (did you mean lr?)"),
+        (["train", "objective=dpo"], "choose one of: sft, soar, both"),
+        (["train", "--preset", "nope"], "unknown preset 'nope'; choose one of:"),
+        (["train", "steps=-3"], "steps=-3 must be > 0"),
+        (
+            ["train", "--data", "/no/such/folder", "--model", "/no/such/model", "--output", "{tmp}/r"],
+            "does not",
+        ),
+        (["train", "--model", "/tmp", "--output", "{tmp}/r"], "is this a diffusers SD3 pipeline folder?"),
+        (["presets", "nope"], "unknown preset 'nope'"),
+        (["plan", "--model", "/no/such"], "no transformer config"),
+        (["bench", "step", "nonsense"], "is not key=value"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("soar-lite: error: ") and "\n" not in err
+    assert message in err
+
+
+def test_resume_without_checkpoint_says_so(capsys, tmp_path, tiny_model_dir, tiny_data_dir):
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(tiny_data_dir),
+            "--output",
+            str(tmp_path / "r"),
+            "--resume",
+            "latest",
+            "--quiet",
+            "steps=1",
+            "validation.num_prompts=0",
+        ]
+    )
+    assert code == 2
+    assert "no complete checkpoint under" in capsys.readouterr().err
+
+
+def test_presets_lists_every_tier_and_shows_one_resolved(capsys):
+    assert main(["presets"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("cpu-tiny", "8gb", "12gb", "16gb", "24gb", "48gb"):
+        assert name in listing
+    assert main(["presets", "24gb", "rank=8"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("soar-lite train --preset 24gb") and '"rank": 8' in shown
+
+
+def test_presets_keys_lists_full_paths(capsys):
+    assert main(["presets", "--keys"]) == 0
+    keys = capsys.readouterr().out
+    assert "optim.lr" in keys and "soar.trajectory_length" in keys and "lora.rank" in keys
+
+
+def test_plan_prints_a_breakdown_and_verdict(capsys):
+    assert main(["plan", "--preset", "24gb", "--model", "sd3.5-large"]) == 0
+    out = capsys.readouterr().out
+    assert "base weights (nf4" in out and "activations" in out and "fits a 24 GB card" in out
