@@ -135,7 +135,7 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     linear, other, lora = _count(config, list(cfg.lora.targets), cfg.lora.rank)
     base_bytes = DTYPE_BYTES[cfg.model.dtype]
     per_linear = QUANT_BYTES[cfg.model.quant] or base_bytes
-    optim_bytes = 2 if cfg.optim.optimizer == "adamw8bit" else 8
+    optim_bytes = {"adamw8bit": 2, "adafactor": 1}.get(cfg.optim.optimizer, 8)  # adafactor: factored, ~0
     seq = cfg.model.max_sequence_length or 256
     text_tokens = 77 + seq if config.get("joint_attention_dim", 4096) >= 4096 else 10 + seq
     resolution = cfg.data.resolution or 1024
