@@ -1,0 +1,434 @@
+"""The Gradio layout: Dataset, Train, Compare, Export and Runs tabs over ``soar_lite`` functions.
+
+Callbacks only translate between widgets and :mod:`soar_lite.uploads` / :mod:`soar_lite.app_runs`
+(where the logic is, tested without a browser); a :class:`~soar_lite.errors.UserError` becomes a
+Gradio error toast with the same one-line message the CLI prints. Training never runs in this
+process: the Train tab starts ``soar-lite train`` as a subprocess and reads its files back.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from app.charts import loss_chart
+from soar_lite import app_runs, config, uploads
+from soar_lite.config import BUILTIN
+from soar_lite.errors import UserError
+
+GALLERY_MAX = 48  # thumbnails shown per dataset (the table lists every image)
+THUMB = 192
+TICK_S = 2.0  # progress refresh while a run is live
+LIVE = ("running", "stopping")
+IMAGE_TYPES = [*uploads.IMAGE_EXTS, *uploads.DATA_EXTS, ".zip"]
+
+
+def _ui(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """UserError -> a Gradio error with the CLI's one-line message (no traceback in the browser)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+
+    return wrapper
+
+
+@dataclass
+class Widgets:
+    """Components that events of one tab update in another."""
+
+    data_path: gr.Textbox | None = None
+    run_pickers: tuple[gr.Dropdown, ...] = ()
+
+
+# ---------------------------------------------------------------- dataset tab
+
+
+def _thumb(path: Path) -> Image.Image | None:
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((THUMB, THUMB))
+            return img if img.width >= 64 else img.resize((THUMB, THUMB), Image.Resampling.NEAREST)
+    except OSError:
+        return None
+
+
+def show_dataset(path: str) -> tuple[str, list, pd.DataFrame, str]:
+    """Report, thumbnails and caption table of a dataset, exactly as the data stage sees it."""
+    report = uploads.dataset_report(path)
+    lines = [f"**{report.summary}**" if report.error is None else f"**Not usable:** {report.error}"]
+    for reason, names in sorted(report.skipped.items()):
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        lines.append(f"- skipped, {reason}: {shown}")
+    gallery = []
+    for item in report.items[:GALLERY_MAX]:
+        thumb = _thumb(item.image) if item.row < 0 else None
+        if thumb is not None:
+            gallery.append((thumb, item.caption))
+    rows = [[item.name or str(item.image), item.caption] for item in report.items if item.row < 0]
+    rows += [[name, ""] for name in report.skipped.get("no caption", [])]
+    table = pd.DataFrame(rows, columns=["image", "caption"])
+    return "\n".join(lines), gallery, table, str(report.folder)
+
+
+@_ui
+def import_upload(files: list[str] | None, runs_dir: Path, limits: uploads.UploadLimits) -> tuple:
+    """Uploaded images/captions/zips -> a new dataset folder under RUNS/datasets (guarded), shown."""
+    if not files:
+        raise UserError("choose images with their .txt captions, or one .zip, first")
+    folder = uploads.new_dataset_dir(runs_dir)
+    try:
+        paths = [Path(f) for f in files]
+        report = uploads.import_uploads(paths, folder, [p.name for p in paths], limits)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    text, gallery, table, path = show_dataset(str(folder))
+    if report.ignored:
+        text += "\n\nNot imported: " + "; ".join(report.ignored[:10])
+    return text, gallery, table, path, path
+
+
+@_ui
+def use_server_folder(path: str) -> tuple:
+    """A dataset already on the server (any format the data stage reads)."""
+    if not path.strip():
+        raise UserError("type the path of a dataset folder on the server")
+    text, gallery, table, folder = show_dataset(path.strip())
+    return text, gallery, table, folder, folder
+
+
+@_ui
+def save_captions(folder: str, table: pd.DataFrame) -> tuple:
+    """Write the edited captions as .txt files next to their images, then re-check the dataset."""
+    if not folder:
+        raise UserError("import or choose a dataset first")
+    edits = {str(r["image"]): str(r["caption"]) for _, r in table.iterrows() if str(r["caption"]).strip()}
+    count = uploads.write_captions(folder, edits)
+    text, gallery, new_table, _ = show_dataset(folder)
+    return f"Saved {count} captions.\n\n{text}", gallery, new_table
+
+
+def dataset_tab(runs_dir: Path, limits: uploads.UploadLimits, widgets: Widgets) -> None:
+    """Upload or point at a dataset; see the data stage's verdict; edit captions."""
+    gr.Markdown(
+        "Upload images with same-name `.txt` captions (or one `.zip` of them), or point at a dataset "
+        f"folder on the server. Limits: {limits.max_files} files, "
+        f"{limits.max_upload_bytes // uploads.MiB} MiB per upload."
+    )
+    with gr.Row():
+        with gr.Column():
+            files = gr.File(
+                label="Images + captions, or a .zip",
+                file_count="multiple",
+                file_types=IMAGE_TYPES,
+                elem_id="dataset-files",
+            )
+            upload_btn = gr.Button("Import upload", variant="primary")
+        with gr.Column():
+            server_path = gr.Textbox(label="…or a dataset folder on the server", placeholder="/data/my-set")
+            folder_btn = gr.Button("Use this folder")
+            folder = gr.Textbox(label="Dataset in use", interactive=False, elem_id="dataset-folder")
+    report = gr.Markdown(elem_id="dataset-report")
+    gallery = gr.Gallery(
+        label="Images (first 48)", columns=8, height=300, object_fit="contain", elem_id="dataset-gallery"
+    )
+    table = gr.Dataframe(
+        headers=["image", "caption"], label="Captions (edit, then save)", interactive=True, wrap=True
+    )
+    save_btn = gr.Button("Save captions")
+    outputs = [report, gallery, table, folder, widgets.data_path]
+    upload_btn.click(functools.partial(import_upload, runs_dir=runs_dir, limits=limits), [files], outputs)
+    folder_btn.click(use_server_folder, [server_path], outputs)
+    save_btn.click(save_captions, [folder, table], [report, gallery, table])
+
+
+# ---------------------------------------------------------------- train tab
+
+
+def preset_knobs(preset: str) -> tuple:
+    """The preset's own model and main knobs, shown when a preset is picked."""
+    try:
+        cfg = config.load_config(preset)
+    except UserError as exc:
+        raise gr.Error(str(exc)) from None
+    return (
+        cfg.model.path,
+        cfg.steps,
+        cfg.lora.rank,
+        cfg.optim.lr,
+        cfg.soar.lambda_aux,
+        cfg.soar.trajectory_length,
+    )
+
+
+@_ui
+def start(runs_dir: Path, *values: Any) -> tuple:
+    """Start a run from the form (validated first); show its command; switch the pickers to it."""
+    preset, model, data, objective, steps, rank, lr, lam, k, extra, name = values
+    request = app_runs.TrainRequest(
+        preset=preset,
+        model=(model or BUILTIN).strip(),
+        data=(data or BUILTIN).strip(),
+        objective=objective,
+        steps=int(steps),
+        rank=int(rank),
+        lr=float(lr),
+        lambda_aux=float(lam),
+        trajectory_length=int(k),
+        extra=app_runs.parse_extra(extra),
+        name=name or "",
+    )
+    folder = app_runs.start_training(runs_dir, request)
+    record = app_runs.read_json(folder / app_runs.APP_RECORD) or {}
+    picks = _pickers(run_names(runs_dir), folder.name)
+    return (folder.name, record.get("command", ""), *progress_view(folder), gr.Timer(active=True), *picks)
+
+
+def _pickers(names: list[str], value: str | None) -> list[gr.Dropdown]:
+    """Updates for the three run pickers: one object each (Gradio consumes an update as it applies it)."""
+    return [gr.Dropdown(choices=names, value=value) for _ in range(3)]
+
+
+def run_names(runs_dir: Path) -> list[str]:
+    """Run folder names, newest first (what the pickers offer)."""
+    return [r.name for r in app_runs.list_runs(runs_dir)]
+
+
+def progress_view(folder: Path) -> tuple:
+    """(summary, loss curves, validation images, log tail) of a run."""
+    p = app_runs.read_progress(folder)
+    return p.summary(), loss_chart(p.losses), [(str(path), cap) for path, cap in p.samples], p.log
+
+
+@_ui
+def refresh(run: str | None, runs_dir: Path) -> tuple:
+    """Timer tick: re-read the run's files; the timer stops itself once the run is over."""
+    if not run:
+        return "", None, [], "", gr.Timer(active=False)
+    folder = app_runs.resolve_run(runs_dir, run)
+    view = progress_view(folder)
+    live = app_runs.run_state(folder) in LIVE
+    return (*view, gr.Timer(active=live))
+
+
+@_ui
+def stop(run: str | None, runs_dir: Path) -> str:
+    """Stop this page's run like Ctrl-C (checkpoint first); a second press terminates it."""
+    if not run:
+        raise UserError("no run started from this page yet")
+    return app_runs.stop_training(app_runs.resolve_run(runs_dir, run))
+
+
+def train_tab(runs_dir: Path, widgets: Widgets) -> tuple[gr.State, gr.Timer]:
+    """The form, start/stop and the live view; returns the page's current run and its refresh timer."""
+    model0, steps0, rank0, lr0, lam0, k0 = preset_knobs("cpu-tiny")
+    with gr.Row():
+        preset = gr.Dropdown(config.preset_names(), value="cpu-tiny", label="Preset (VRAM tier)")
+        model = gr.Textbox(
+            model0, label="Model (folder or hub id; builtin = tiny SD3 base)", elem_id="train-model"
+        )
+        objective = gr.Radio(["sft", "soar", "both"], value="soar", label="Objective")
+    with gr.Row():
+        widgets.data_path.render()
+        name = gr.Textbox(label="Run name (optional)", placeholder="run-<date>-<time>")
+    with gr.Row():
+        steps = gr.Number(steps0, label="steps", precision=0, minimum=1, elem_id="train-steps")
+        rank = gr.Number(rank0, label="rank", precision=0, minimum=1, elem_id="train-rank")
+        lr = gr.Number(lr0, label="lr", minimum=0)
+        lam = gr.Number(lam0, label="lambda_aux", minimum=0)
+        k = gr.Number(k0, label="trajectory_length", precision=0, minimum=1, elem_id="train-k")
+    extra = gr.Textbox(
+        label="More settings (key=value ...)",
+        placeholder="batch_size=4 validation.every=50",
+        elem_id="train-extra",
+    )
+    with gr.Row():
+        start_btn = gr.Button("Start training", variant="primary")
+        stop_btn = gr.Button("Stop", variant="stop")
+    status = gr.Markdown(elem_id="train-status")
+    command = gr.Textbox(
+        label="Equivalent command",
+        lines=2,
+        max_lines=4,
+        interactive=False,
+        buttons=["copy"],
+        elem_id="train-command",
+    )
+    plot = gr.Image(label="Loss (main, aux)", type="pil", interactive=False, height=320, elem_id="train-plot")
+    samples = gr.Gallery(
+        label="Validation images", columns=6, height=220, object_fit="contain", elem_id="train-samples"
+    )
+    log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False, elem_id="train-log")
+    run = gr.State(None)
+    timer = gr.Timer(TICK_S, active=False)
+    preset.change(preset_knobs, [preset], [model, steps, rank, lr, lam, k])
+    form = [preset, model, widgets.data_path, objective, steps, rank, lr, lam, k, extra, name]
+    live = [status, plot, samples, log]
+    start_btn.click(
+        functools.partial(start, runs_dir), form, [run, command, *live, timer, *widgets.run_pickers]
+    )
+    timer.tick(functools.partial(refresh, runs_dir=runs_dir), [run], [*live, timer])
+    stop_btn.click(functools.partial(stop, runs_dir=runs_dir), [run], [status])
+    return run, timer
+
+
+# ---------------------------------------------------------------- compare, export, runs
+
+
+@_ui
+def compare(run: str | None, prompt: str, seed: float, steps: float, cfg: float, runs_dir: Path) -> tuple:
+    """Base | SFT | SOAR of a run at one prompt and seed."""
+    folder = app_runs.resolve_run(runs_dir, run or "")
+    grid, images = app_runs.compare_run(folder, prompt, int(seed), int(steps), float(cfg))
+    return [(str(path), arm) for path, arm in images], str(grid)
+
+
+def compare_tab(runs_dir: Path, picker: gr.Dropdown) -> None:
+    """Prompt, seed, steps and CFG in; the run's arms side by side and the labelled grid out."""
+    gr.Markdown("The same prompt and seed through the base model and each trained arm of a run.")
+    with gr.Row():
+        prompt = gr.Textbox("a red circle at the top left", label="Prompt", scale=3, elem_id="compare-prompt")
+        seed = gr.Number(0, label="Seed", precision=0)
+        steps = gr.Number(20, label="Steps", precision=0, minimum=1, elem_id="compare-steps")
+        cfg = gr.Number(4.5, label="CFG", minimum=0)
+    go = gr.Button("Compare", variant="primary")
+    images = gr.Gallery(
+        label="base | sft | soar", columns=3, height=360, object_fit="contain", elem_id="compare-images"
+    )
+    grid = gr.Image(label="Labelled grid", type="filepath", height=240)
+    go.click(
+        functools.partial(compare, runs_dir=runs_dir), [picker, prompt, seed, steps, cfg], [images, grid]
+    )
+
+
+@_ui
+def export(run: str | None, runs_dir: Path) -> tuple:
+    """The run's LoRA files (and kohya exports), ready to download."""
+    folder = app_runs.resolve_run(runs_dir, run or "")
+    files = app_runs.export_files(folder)
+    if not files:
+        raise UserError(f"run {folder.name} has no finished LoRA yet")
+    return [str(f) for f in files], f"{len(files)} files from `{folder}`"
+
+
+def export_tab(runs_dir: Path, picker: gr.Dropdown) -> None:
+    """Download links for a run's LoRA files."""
+    gr.Markdown(
+        "Each arm's LoRA in the diffusers layout (loads with `pipe.load_lora_weights(file)` and in "
+        "ComfyUI), and as a kohya / SAI-layout export (`-kohya`) for kohya-based tools."
+    )
+    go = gr.Button("Prepare downloads", variant="primary")
+    note = gr.Markdown()
+    files = gr.File(label="LoRA files", file_count="multiple", interactive=False, elem_id="export-files")
+    go.click(functools.partial(export, runs_dir=runs_dir), [picker], [files, note])
+
+
+def runs_table(runs_dir: Path) -> pd.DataFrame:
+    """One row per run: name, state, objective, steps, when it was created."""
+    rows = [
+        [r.name, r.state, r.objective, r.steps, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))]
+        for r in app_runs.list_runs(runs_dir)
+    ]
+    return pd.DataFrame(rows, columns=["run", "state", "objective", "steps", "created"])
+
+
+@_ui
+def show_run(run: str | None, runs_dir: Path) -> tuple:
+    """Record, newest samples, loss curves and log of one run."""
+    if not run:
+        return {}, [], None, ""
+    folder = app_runs.resolve_run(runs_dir, run)
+    _, chart, samples, log = progress_view(folder)
+    return app_runs.run_details(folder), samples, chart, log
+
+
+def runs_tab(runs_dir: Path, picker: gr.Dropdown, tab: gr.Tab) -> gr.Dataframe:
+    """Every run in the runs dir (read from disk: an app restart loses nothing), one in detail."""
+    with gr.Row():
+        picker.render()
+        again = gr.Button("Refresh list", scale=1)
+    table = gr.Dataframe(
+        runs_table(runs_dir), label=f"Runs in {runs_dir}", interactive=False, elem_id="runs-table"
+    )
+    details = gr.JSON(label="Run record", elem_id="runs-details")
+    samples = gr.Gallery(label="Newest validation images", columns=6, height=220, object_fit="contain")
+    plot = gr.Image(label="Loss (main, aux)", type="pil", interactive=False, height=320, elem_id="runs-plot")
+    log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False)
+    show = functools.partial(show_run, runs_dir=runs_dir)
+    picker.change(show, [picker], [details, samples, plot, log])
+    tab.select(lambda p: (runs_table(runs_dir), *show(p)), [picker], [table, details, samples, plot, log])
+    again.click(
+        lambda p: (gr.Dropdown(choices=run_names(runs_dir), value=p), runs_table(runs_dir)),
+        [picker],
+        [picker, table],
+    )
+    return table
+
+
+def on_load(runs_dir: Path) -> tuple:
+    """A (re)loaded page: fresh run lists, and the live view of a run still training, if any."""
+    runs = app_runs.list_runs(runs_dir)
+    names = [r.name for r in runs]
+    live = next((r.name for r in runs if r.state in LIVE), None)
+    picks = _pickers(names, names[0] if names else None)
+    return (*picks, runs_table(runs_dir), live, gr.Timer(active=live is not None))
+
+
+def _picker(picker: gr.Dropdown, runs_dir: Path) -> None:
+    """Render a shared run picker with its own refresh button."""
+    with gr.Row():
+        picker.render()
+        again = gr.Button("Refresh list", scale=1)
+    again.click(lambda p: gr.Dropdown(choices=run_names(runs_dir), value=p), [picker], [picker])
+
+
+def build_app(runs_dir: str | Path = "runs", limits: uploads.UploadLimits | None = None) -> gr.Blocks:
+    """The whole app over one runs folder (runs and uploaded datasets live there, nowhere else)."""
+    runs_dir = Path(runs_dir).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    limits = limits or uploads.UploadLimits()
+    names = run_names(runs_dir)
+    with gr.Blocks(title="soar-lite", analytics_enabled=False) as demo:
+        # Shared between tabs: made first, rendered in their tab (events may name them before that).
+        widgets = Widgets(
+            data_path=gr.Textbox(
+                BUILTIN, label="Dataset (builtin = shapes; set by the Dataset tab)", render=False
+            ),
+            run_pickers=tuple(
+                gr.Dropdown(names, value=names[0] if names else None, label="Run", scale=4, render=False)
+                for _ in range(3)
+            ),
+        )
+        compare_picker, export_picker, runs_picker = widgets.run_pickers
+        gr.Markdown(
+            "# soar-lite\nSOAR / SFT LoRA fine-tuning for SD3 and SD3.5 on one GPU (or the tiny CPU base)."
+        )
+        with gr.Tabs():
+            with gr.Tab("Dataset"):
+                dataset_tab(runs_dir, limits, widgets)
+            with gr.Tab("Train"):
+                run, timer = train_tab(runs_dir, widgets)
+            with gr.Tab("Compare"):
+                _picker(compare_picker, runs_dir)
+                compare_tab(runs_dir, compare_picker)
+            with gr.Tab("Export"):
+                _picker(export_picker, runs_dir)
+                export_tab(runs_dir, export_picker)
+            with gr.Tab("Runs") as tab:
+                table = runs_tab(runs_dir, runs_picker, tab)
+        demo.load(functools.partial(on_load, runs_dir), None, [*widgets.run_pickers, table, run, timer])
+    return demo
