@@ -105,9 +105,14 @@ class Fingerprints:
         if known and known[:2] == [stat.st_size, stat.st_mtime_ns]:
             return known[2]
         sha = hashlib.sha256()
-        with real.open("rb") as f:
+        big = stat.st_size > 1 << 28  # a multi-GB encoder: show that the pause is hashing, once
+        bar = tqdm(
+            total=stat.st_size, desc=f"fingerprint {path.name}", unit="B", unit_scale=True, disable=not big
+        )
+        with real.open("rb") as f, bar:
             for block in iter(lambda: f.read(1 << 23), b""):
                 sha.update(block)
+                bar.update(len(block))
         self.memo[str(real)] = [stat.st_size, stat.st_mtime_ns, sha.hexdigest()]
         self.dirty = True
         return sha.hexdigest()
@@ -333,8 +338,9 @@ class CacheResult:
 
     def summary(self) -> str:
         line = (
-            f"cache: {self.items} items ready; encoded {self.encoded_images} images + "
-            f"{self.encoded_texts} prompts, reused {self.reused_images} + {self.reused_texts}"
+            f"cache: {self.items} items ready; encoded {self.encoded_images} images and "
+            f"{self.encoded_texts} prompts, reused {self.reused_images} images and "
+            f"{self.reused_texts} prompts"
         )
         return line + (f"; {self.skips.summary()}" if len(self.skips) else "")
 
@@ -365,22 +371,20 @@ def prepare(
         for it in items
     ]  # fmt: skip
     image_keys = [image_key(it, size, ids, spec.dtype) for it, size in zip(items, sizes, strict=True)]
-    prompts = {text_key(p, ids, spec): p for p in ["", *validation_prompts, *(it.caption for it in items)]}
-    missing_images, missing_texts = store.missing(image_keys), store.missing(prompts)
-    todo_images: dict[str, tuple[Item, tuple[int, int]]] = {}
-    for it, size, key in zip(items, sizes, image_keys, strict=True):
-        if key in missing_images:
-            todo_images.setdefault(key, (it, size))
-    todo_texts = {k: p for k, p in prompts.items() if k in missing_texts}
-    good, skips = verify_items(it for it, _ in todo_images.values())  # before any encoder loads
-    usable = set(good)
-    failed = {k for k, (it, _) in todo_images.items() if it not in usable}
-    todo_images = {k: v for k, v in todo_images.items() if k not in failed}
-    if todo_images or todo_texts:
-        failed |= _encode(load_encoders, todo_images, todo_texts, store, skips, progress)
+    todo_images, failed, skips = _images_to_encode(items, sizes, image_keys, store)
     keep = [i for i, key in enumerate(image_keys) if key not in failed]
     if not keep:
         raise UserError(f"no image of the dataset could be decoded ({skips.summary()})")
+    prompts = {
+        text_key(p, ids, spec): p for p in ["", *validation_prompts, *(items[i].caption for i in keep)]
+    }
+    missing_texts = store.missing(prompts)
+    todo_texts = {k: p for k, p in prompts.items() if k in missing_texts}
+    if todo_images or todo_texts:
+        failed |= _encode(load_encoders, todo_images, todo_texts, store, skips, progress)
+        keep = [i for i in keep if image_keys[i] not in failed]
+        if not keep:
+            raise UserError(f"no image of the dataset could be encoded ({skips.summary()})")
     if skips:
         log.warning("cache: %s", skips.summary())
     manifest = {
@@ -395,16 +399,28 @@ def prepare(
         "empty": text_key("", ids, spec),
         "validation": [{"prompt": p, "text": text_key(p, ids, spec)} for p in validation_prompts],
     }  # fmt: skip
-    encoded_images = len(todo_images) - len(failed & set(todo_images))
+    encoded_images = len(set(todo_images) - failed)
+    reused_images = len({image_keys[i] for i in keep} - set(todo_images))
     return CacheResult(
-        store.write_manifest(manifest),
-        len(keep),
-        encoded_images,
-        len(todo_texts),
-        len(set(image_keys) - missing_images),
-        len(prompts) - len(todo_texts),
-        skips,
-    )
+        store.write_manifest(manifest), len(keep), encoded_images, len(todo_texts),
+        reused_images, len(prompts) - len(todo_texts), skips,
+    )  # fmt: skip
+
+
+def _images_to_encode(
+    items: Sequence[Item], sizes: list[tuple[int, int]], keys: list[str], store: Store
+) -> tuple[dict[str, tuple[Item, tuple[int, int]]], set[str], Skips]:
+    """Images not in the store yet (one item per key), fully decoded once so that a damaged file is
+    skipped now, before any encoder loads; returns (to encode, failed keys, skips)."""
+    missing = store.missing(keys)
+    todo: dict[str, tuple[Item, tuple[int, int]]] = {}
+    for item, size, key in zip(items, sizes, keys, strict=True):
+        if key in missing:
+            todo.setdefault(key, (item, size))
+    good, skips = verify_items(item for item, _ in todo.values())
+    usable = set(good)
+    failed = {key for key, (item, _) in todo.items() if item not in usable}
+    return {k: v for k, v in todo.items() if k not in failed}, failed, skips
 
 
 def _chunks(values: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -507,7 +523,9 @@ class CachedData:
     validation_prompts: list[str]
     caption_dropout: float = 0.0
     manifest: Path | None = None
-    _epoch_memo: dict[tuple[int, int, int], list[Tensor]] = field(default_factory=dict, repr=False)
+    _epoch_memo: dict[tuple[int, int, int], list[Tensor]] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     @classmethod
     def from_rows(

@@ -65,7 +65,7 @@ class DataConfig:
     caption_ext: str = ".txt"  # folder format: caption file next to each image
     default_caption: str = ""  # for images whose caption is missing or empty (else they are skipped)
     trigger_word: str = ""  # put in front of every caption ("tok, a photo of ..."), once
-    caption_dropout: float = 0.0  # share of training rows shown the empty prompt; drawn per batch, never cached
+    caption_dropout: float = 0.0  # share of rows shown the empty prompt (drawn per batch, not cached)
     image_column: str = ""  # saved HF dataset: "" = "image"
     caption_column: str = ""  # "" = "text" (imagefolder, HF dataset) or "caption_en" (SOAR jsonl)
     split: str = "train"  # split of a saved HF DatasetDict / imagefolder subfolder
@@ -131,6 +131,9 @@ class SoarConfig:
     mode_scale: float = 1.29
     cond_dropout_rate: float = 0.0
     reuse_main_pass: bool = True  # exact while nothing random acts inside the forward
+    aux_budget: int = 0  # > 0: train k of the K points per step, reweighted K/k (unbiased); 0 = all K
+    lambda_warmup_steps: int = 0  # lambda_aux ramps linearly from 0 over the first N optimizer steps
+    probability: float = 1.0  # each step is a SOAR step with this probability, else plain SFT
 
     def __post_init__(self) -> None:
         _positive("soar.lambda_aux", self.lambda_aux, allow_zero=True)
@@ -141,6 +144,14 @@ class SoarConfig:
         _positive("soar.num_sampling_steps", self.num_sampling_steps)
         _choice("soar.weighting_scheme", self.weighting_scheme, ("logit_normal", "mode", "cosmap", "uniform"))
         _positive("soar.logit_std", self.logit_std)
+        _positive("soar.aux_budget", self.aux_budget, allow_zero=True)
+        if self.aux_budget > self.trajectory_length:
+            raise UserError(
+                f"soar.aux_budget={self.aux_budget} exceeds trajectory_length={self.trajectory_length}"
+            )
+        _positive("soar.lambda_warmup_steps", self.lambda_warmup_steps, allow_zero=True)
+        if not 0.0 < self.probability <= 1.0:
+            raise UserError(f"soar.probability={self.probability!r} must be in (0, 1]")
         if not 0.0 <= self.cond_dropout_rate <= 1.0:
             raise UserError(f"soar.cond_dropout_rate={self.cond_dropout_rate!r} must be in [0, 1]")
 
@@ -160,7 +171,7 @@ class OptimConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        _choice("optim.optimizer", self.optimizer, ("adamw", "adamw8bit"))
+        _choice("optim.optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
         _positive("optim.lr", self.lr)
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.max_grad_norm", self.max_grad_norm, allow_zero=True)

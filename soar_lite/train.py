@@ -12,7 +12,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from soar_lite import cache, checkpoint, lora
-from soar_lite.config import BUILTIN, TrainConfig, config_to_dict
+from soar_lite.config import BUILTIN, SoarConfig, TrainConfig, config_to_dict
 from soar_lite.data import load_items
 from soar_lite.errors import UserError
 from soar_lite.families.sd3 import SD3Family, model_settings
@@ -116,15 +116,21 @@ def prepare_data(
         root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else home_dir() / "cache"
         result = cache.prepare(report.items, prompts, spec, root, load_encoders, progress=progress)
         if progress:
-            print(result.summary())
+            print(result.summary() if report.skips else f"{report.summary()}\n{result.summary()}")
         manifest = str(result.manifest)
     manifest = _broadcast_str(accelerator, manifest)
     return cache.load_cache(manifest, caption_dropout=cfg.data.caption_dropout)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Any:
-    """AdamW, or bitsandbytes' 8-bit AdamW (which also runs on CPU with bitsandbytes >= 0.45)."""
+    """AdamW, bitsandbytes' 8-bit AdamW (runs on CPU too with bitsandbytes >= 0.45), or Adafactor
+    (factored second moments: the smallest optimizer state, at a fixed learning rate)."""
     o = cfg.optim
+    if o.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=o.lr, weight_decay=o.weight_decay, scale_parameter=False,
+                         relative_step=False, warmup_init=False)  # fmt: skip
     kwargs = {"lr": o.lr, "betas": (o.beta1, o.beta2), "weight_decay": o.weight_decay, "eps": o.eps}
     if o.optimizer == "adamw8bit":
         import bitsandbytes as bnb
@@ -170,7 +176,7 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
 def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> LossReport:
     """One optimizer step over ``gradient_accumulation`` micro-batches, each term back-propagated alone."""
     acc, world, accum = run.accelerator, run.accelerator.num_processes, cfg.gradient_accumulation
-    soar_cfg = _objective_config(cfg)
+    soar_cfg = step_objective(cfg, state.step, run.generator)
     velocity = _autocast(acc, run.family.velocity(run.model))
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if world > 1 else None
     totals = LossReport(torch.zeros(()), 0.0, 0.0, 0, 0, 0, 0)
@@ -210,10 +216,18 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
     return totals
 
 
-def _objective_config(cfg: TrainConfig) -> Any:
-    from dataclasses import replace
+def step_objective(cfg: TrainConfig, step: int, generator: torch.Generator) -> SoarConfig:
+    """The objective of optimizer step ``step``: lambda after warm-up, or SFT on a skipped SOAR step.
 
-    return replace(cfg.soar, lambda_aux=cfg.effective_lambda_aux)
+    The skip draw comes from the run's generator (same on every process, restored on resume).
+    """
+    lam = cfg.effective_lambda_aux
+    if lam and cfg.soar.lambda_warmup_steps:
+        lam *= min(1.0, (step + 1) / cfg.soar.lambda_warmup_steps)
+    if lam and cfg.soar.probability < 1.0:
+        draw = torch.rand((), generator=generator, device=generator.device)
+        lam = lam if float(draw) < cfg.soar.probability else 0.0
+    return replace(cfg.soar, lambda_aux=lam)
 
 
 def _autocast(acc: Accelerator, velocity: Any) -> Any:
@@ -352,8 +366,12 @@ def train(
     try:
         while state.step < cfg.steps:
             start = time.perf_counter()
-            report = train_step(run, cfg, state)
+            report = _guarded_step(run, cfg, state)
             metrics = step_metrics(report, run, time.perf_counter() - start, acc.num_processes)
+            if acc.device.type == "cuda":
+                metrics["gpu_peak_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+                if state.step == 1:
+                    _check_headroom(metrics["gpu_peak_gb"], acc.device)
             _check_finite(metrics, state.step)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 logger.log(state.step, metrics)
@@ -400,6 +418,26 @@ def _save_checkpoint(run: Run, cfg: TrainConfig, output: Path, state: checkpoint
             cfg.keep_checkpoints,
         )
     run.accelerator.wait_for_everyone()
+
+
+def _guarded_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> LossReport:
+    """The first step is the preflight: if it runs out of GPU memory, stop with what to change."""
+    try:
+        return train_step(run, cfg, state)
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory at step {state.step + 1}; try, in this order: quant=nf4, "
+            "gradient_checkpointing=true, soar.aux_budget=2, a smaller resolution or batch_size, "
+            "optimizer=adamw8bit (see `soar-lite plan` for the estimate)"
+        ) from None
+
+
+def _check_headroom(peak_gb: float, device: torch.device) -> None:
+    """Windows drivers spill into shared memory near the limit and training crawls instead of failing."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if peak_gb > 0.9 * total:
+        print(f"warning: the first step peaked at {peak_gb:.1f} of {total:.1f} GiB; near the limit some "
+              "drivers spill into system memory and slow down: consider quant=nf4 or a smaller resolution")
 
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:
