@@ -45,6 +45,7 @@ RESOLUTION = 32
 CLIP_HIDDEN = 32
 CLIP_PROJECTION = 32
 SETTINGS_FILE = "soar_lite.json"
+# Bump "toy" when the architecture or the shapes data change: it is part of the cached base's name.
 TOY_SETTINGS: dict[str, Any] = {
     "toy": "shapes-v1",
     "resolution": RESOLUTION,
