@@ -351,9 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` items may also come after the flags (argparse alone
+    rejects a positional list that follows an option once it has been consumed empty)."""
+    args, extra = parser.parse_known_args(argv)
+    target = next((name for name in ("knobs", "overrides") if hasattr(args, name)), None)
+    bad = [item for item in extra if item.startswith("-") or "=" not in item or target is None]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        getattr(args, target).extend(extra)
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``soar-lite`` console script."""
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     try:
         return args.func(args)
     except UserError as exc:
