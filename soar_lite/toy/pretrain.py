@@ -76,7 +76,7 @@ def is_complete(folder: Path) -> bool:
 
 
 def ensure_tiny_base(
-    home: Path | None = None,
+    home: Path | str | None = None,
     *,
     vae_steps: int = DEFAULT_VAE_STEPS,
     transformer_steps: int = DEFAULT_TRANSFORMER_STEPS,
