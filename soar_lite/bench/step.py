@@ -102,16 +102,9 @@ def build_model(layers: int, seed: int = 0) -> tuple[torch.nn.Module, list[torch
 
 
 def _velocity(model: torch.nn.Module) -> Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]:
-    def f(z: Tensor, t: Tensor, c: dict[str, Tensor]) -> Tensor:
-        return model(
-            hidden_states=z,
-            timestep=t,
-            encoder_hidden_states=c["prompt_embeds"],
-            pooled_projections=c["pooled_prompt_embeds"],
-            return_dict=False,
-        )[0]
+    from soar_lite.families.sd3 import sd3_velocity
 
-    return f
+    return sd3_velocity(model)
 
 
 def reference_style_loss(

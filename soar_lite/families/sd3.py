@@ -58,6 +58,22 @@ def _check_model_path(path: str) -> None:
         raise UserError(f"model {path!r} is neither a local folder nor a hub id like org/name")
 
 
+def sd3_velocity(transformer: torch.nn.Module) -> Velocity:
+    """An SD3 transformer as the objective's ``f(latents, timesteps, cond)`` (one definition for
+    training, the tiny base's pretraining and the benchmarks)."""
+
+    def f(latents: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
+        return transformer(
+            hidden_states=latents,
+            timestep=timesteps,
+            encoder_hidden_states=cond["prompt_embeds"],
+            pooled_projections=cond["pooled_prompt_embeds"],
+            return_dict=False,
+        )[0]
+
+    return f
+
+
 class SD3Family:
     """SD3/SD3.5 parts on one device. Build with :meth:`load`; missing parts are ``None``."""
 
@@ -168,17 +184,7 @@ class SD3Family:
 
     def velocity(self, transformer: torch.nn.Module) -> Velocity:
         """The transformer as ``f(latents, timesteps, cond)``."""
-
-        def f(latents: Tensor, timesteps: Tensor, cond: Cond) -> Tensor:
-            return transformer(
-                hidden_states=latents,
-                timestep=timesteps,
-                encoder_hidden_states=cond["prompt_embeds"],
-                pooled_projections=cond["pooled_prompt_embeds"],
-                return_dict=False,
-            )[0]
-
-        return f
+        return sd3_velocity(transformer)
 
     def noise_grid(self) -> NoiseGrid:
         return NoiseGrid.from_scheduler(self.pipe.scheduler)

@@ -310,14 +310,9 @@ def train_transformer(
     schedule = _cosine_schedule(optimizer, steps, warmup=max(steps // 20, 1))
     grid, objective = NoiseGrid.from_scheduler(pipe.scheduler), SoarConfig(lambda_aux=0.0)
 
-    def velocity(z: torch.Tensor, timesteps: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        return transformer(
-            hidden_states=z,
-            timestep=timesteps,
-            encoder_hidden_states=cond["prompt_embeds"],
-            pooled_projections=cond["pooled_prompt_embeds"],
-            return_dict=False,
-        )[0]
+    from soar_lite.families.sd3 import sd3_velocity
+
+    velocity = sd3_velocity(transformer)
 
     running = float("nan")
     for step in range(steps):
