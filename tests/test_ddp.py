@@ -1,7 +1,9 @@
-"""Two gloo processes (torchrun) train the same LoRA as one process on the same global batch.
+"""Two gloo processes train the same LoRA as one process on the same global batch.
 
-``accelerate launch --cpu --num_processes 2`` silently starts one process on a GPU-less machine, so
-the test uses torchrun and asserts the run record's world size is really 2.
+Both launchers users reach for are exercised: ``accelerate launch`` and ``torchrun``. On a GPU-less
+machine ``accelerate launch --cpu --num_processes 2`` silently starts ONE process (accelerate 1.15),
+so the accelerate case uses ``--multi_gpu``, which starts two gloo processes here; every case asserts
+the run record's world size is really 2.
 """
 
 from __future__ import annotations
@@ -45,13 +47,39 @@ def _train(cmd_prefix: list[str], out, model, data, cache, batch: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(tiny_model_dir, tiny_data_dir, tmp_path):
-    cache = tmp_path / "cache"
-    _train([sys.executable], tmp_path / "one", tiny_model_dir, tiny_data_dir, cache, batch=4)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    _train(torchrun, tmp_path / "two", tiny_model_dir, tiny_data_dir, cache, batch=2)
+@pytest.fixture(scope="module")
+def one_process_lora(tiny_model_dir, tiny_data_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("one")
+    _train([sys.executable], out, tiny_model_dir, tiny_data_dir, out / "cache", batch=4)
+    return load_file(str(out / LORA_FILE))
+
+
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_match_one_process_on_the_same_global_batch(
+    launcher, one_process_lora, tiny_model_dir, tiny_data_dir, tmp_path
+):
+    _train(LAUNCHERS[launcher], tmp_path / "two", tiny_model_dir, tiny_data_dir, tmp_path / "cache", batch=2)
     assert json.loads((tmp_path / "two" / RUN_RECORD).read_text())["world_size"] == 2
-    one, two = load_file(str(tmp_path / "one" / LORA_FILE)), load_file(str(tmp_path / "two" / LORA_FILE))
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+    two = load_file(str(tmp_path / "two" / LORA_FILE))
+    assert one_process_lora.keys() == two.keys()
+    for key in one_process_lora:
+        torch.testing.assert_close(one_process_lora[key], two[key], rtol=1e-4, atol=1e-5)

@@ -4,6 +4,13 @@ Everything is measured inside one run, interleaving the variants round-robin so 
 machine slows them alike, and reported as ratios: SOAR/SFT time next to the forward-unit floor
 (3 + 1 + 3K) / 3 of SOAR.md, and peak activation memory of SOAR at K = 6 next to SFT.
 
+The floor counts a backward as two forwards; a LoRA backward through a frozen base skips the base's
+weight gradients and costs less, and the SFT step also carries fixed costs (optimizer, noise draws)
+that SOAR does not repeat. So the run also times the two passes SOAR adds, alone: a rollout forward
+under ``inference_mode`` and one training pass (forward + backward). ``sft + rollout + K x train_pass``
+is the cost of SOAR's passes with nothing else; ``time_over_passes`` near 1.0 says the step adds no
+overhead of its own.
+
 Memory on CPU is the peak of bytes held by autograd's saved tensors (parameters excluded), counted
 with ``torch.autograd.graph.saved_tensors_hooks``: the activation memory a GPU would have to hold
 for backward. On CUDA the allocator's ``max_memory_allocated`` is reported as well.
@@ -24,6 +31,7 @@ import torch
 from torch import Tensor
 
 from soar_lite.config import LoraConfig, SoarConfig
+from soar_lite.families.sd3 import sd3_velocity
 from soar_lite.objective import Draws, NoiseGrid, _bcast, _weighted_sq_error, next_times, soar_loss
 
 
@@ -101,12 +109,6 @@ def build_model(layers: int, seed: int = 0) -> tuple[torch.nn.Module, list[torch
     return model, add_lora(model, LoraConfig(rank=8, alpha=8.0))
 
 
-def _velocity(model: torch.nn.Module) -> Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor]:
-    from soar_lite.families.sd3 import sd3_velocity
-
-    return sd3_velocity(model)
-
-
 def reference_style_loss(
     velocity: Callable, z0: Tensor, cond: dict, uncond: dict, grid: NoiseGrid, cfg: SoarConfig, draws: Draws
 ) -> Tensor:
@@ -146,7 +148,7 @@ def _one_step(model, params, opt, batch, grid, spec, gen, meter: SavedTensorMete
     z0, cond, uncond = batch
     cfg = SoarConfig(lambda_aux=spec["lambda_aux"], trajectory_length=max(spec["k"], 1))
     draws = Draws.sample(z0, cfg, grid, gen)
-    velocity = _velocity(model)
+    velocity = sd3_velocity(model)
     ctx = meter.hooks() if meter else _null()
     with ctx:
         if spec["style"] == "reference":
@@ -157,6 +159,18 @@ def _one_step(model, params, opt, batch, grid, spec, gen, meter: SavedTensorMete
             )
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def _rollout_pass(model, batch, grid) -> None:
+    z0, _, uncond = batch
+    with torch.inference_mode():
+        sd3_velocity(model)(z0, grid.timesteps[:1].expand(z0.shape[0]), uncond)
+
+
+def _train_pass(model, batch, grid) -> None:
+    z0, cond, _ = batch
+    pred = sd3_velocity(model)(z0, grid.timesteps[:1].expand(z0.shape[0]), cond)
+    pred.float().pow(2).mean().backward()
 
 
 class _null:
@@ -194,7 +208,8 @@ def run_bench(
     }
     uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
     variants = _variants(list(ks))
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    passes = {"rollout_forward": _rollout_pass, "train_pass": _train_pass}
+    times: dict[str, list[float]] = {name: [] for name in [*variants, *passes]}
     memory: dict[str, dict[str, float]] = {}
     for name, spec in variants.items():  # memory pass (hooks slow the step: not timed)
         meter = SavedTensorMeter(model.parameters())
@@ -214,6 +229,14 @@ def run_bench(
                 torch.cuda.synchronize()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
+        for name, one_pass in passes.items():
+            start = time.perf_counter()
+            one_pass(model, (z0, cond, uncond), grid)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - start)
+        opt.zero_grad(set_to_none=True)
     return _report(
         variants,
         times,
@@ -225,6 +248,7 @@ def run_bench(
 def _report(variants: dict, times: dict, memory: dict, setup: dict) -> dict[str, Any]:
     median = {name: statistics.median(ts) for name, ts in times.items()}
     sft = median["sft"]
+    rollout, train_pass = median["rollout_forward"], median["train_pass"]
     sft_memory = memory["sft"]["saved_activation_peak_mb"]
     rows = {}
     for name, spec in variants.items():
@@ -232,6 +256,7 @@ def _report(variants: dict, times: dict, memory: dict, setup: dict) -> dict[str,
         floor = (3 + 1 + 3 * k) / 3 if spec["style"] == "soar-lite" and k else None
         if spec["style"] == "reference":
             floor = (3 + 2 + 3 * k) / 3
+        passes = (sft + rollout + k * train_pass) / sft if spec["style"] == "soar-lite" and k else None
         rows[name] = {
             "k": k,
             "style": spec["style"],
@@ -239,6 +264,8 @@ def _report(variants: dict, times: dict, memory: dict, setup: dict) -> dict[str,
             "spread_s": [min(times[name]), max(times[name])],
             "ratio_to_sft": median[name] / sft,
             "flop_floor_ratio": floor,
+            "passes_ratio": passes,
+            "time_over_passes": median[name] / sft / passes if passes else None,
             **memory[name],
             "memory_ratio_to_sft": memory[name]["saved_activation_peak_mb"] / sft_memory,
         }
@@ -250,9 +277,15 @@ def _report(variants: dict, times: dict, memory: dict, setup: dict) -> dict[str,
         "torch": torch.__version__,
         "machine": platform.machine(),
         "memory_method": "peak bytes of autograd saved tensors, parameters excluded (saved_tensors_hooks)",
+        "pass_costs_s": {
+            "rollout_forward": rollout,
+            "train_pass": train_pass,
+            "rollout_over_train_pass": rollout / train_pass,
+        },
         "variants": rows,
         "summary": {
             f"soar_k{kmax}_time_over_floor": ours["ratio_to_sft"] / ours["flop_floor_ratio"],
+            f"soar_k{kmax}_time_over_passes": ours["time_over_passes"],
             f"soar_k{kmax}_memory_over_sft": ours["memory_ratio_to_sft"],
             f"speedup_over_reference_k{kmax}": ref["median_step_s"] / ours["median_step_s"],
             f"memory_saving_over_reference_k{kmax}": ref["saved_activation_peak_mb"]
