@@ -73,13 +73,19 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Estimated peak GPU memory of a preset on a model, from its config alone (no weights)."""
-    from soar_lite.plan import plan, tier_of
+    from soar_lite.plan import plan, suggest, tier_of
 
     cfg = config.load_config(args.preset, args.overrides)
-    models = [args.model] if args.model else [cfg.model.path]
-    tier = tier_of(args.preset)
-    for model in models:
-        print(plan(cfg, model, tier).render())
+    model = args.model or cfg.model.path
+    tier = args.vram if args.vram is not None else tier_of(args.preset)
+    result = plan(cfg, model, tier)
+    print(result.render())
+    if result.fits is False:
+        found = suggest(args.preset, list(args.overrides), model, tier)
+        if found is None:
+            print(f"no change in the planner's list fits {tier:g} GB: use a smaller model or a larger card")
+        else:
+            print(f"fits {tier:g} GB with: {' '.join(found[0])}  (estimate {found[1].total:.2f} GiB)")
     return 0
 
 
@@ -341,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             p.add_argument("--preset", default="24gb", help="preset name or .yaml path")
             p.add_argument("--model", help="sd3.5-medium | sd3.5-large | hub id | pipeline folder")
+            p.add_argument("--vram", type=float, help="GPU memory in GB to plan for (default: preset's tier)")
             p.add_argument("overrides", nargs="*", metavar="key=value")
         if name == "app":
             _add_app_args(p)

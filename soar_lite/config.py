@@ -71,10 +71,14 @@ class DataConfig:
     split: str = "train"  # split of a saved HF DatasetDict / imagefolder subfolder
     image_dir: str = ""  # SOAR jsonl: folder of <md5>.jpg; "" = the jsonl's folder
     cache_dir: str = ""  # "" = the shared $SOAR_LITE_HOME/cache (content-addressed: safe to share)
+    # text encoders while caching: auto | none (all on the GPU) | model (one at a time) | sequential
+    # (layer by layer); auto picks by free GPU memory (SD3.5's encoders are ~11 GB in bf16)
+    encoder_offload: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("data.resolution", self.resolution, allow_zero=True)
         _choice("data.format", self.format, ("auto", "folder", "imagefolder", "hf", "soar_jsonl"))
+        _choice("data.encoder_offload", self.encoder_offload, ("auto", "none", "model", "sequential"))
         if not self.caption_ext.startswith("."):
             raise UserError(f"data.caption_ext={self.caption_ext!r} must start with '.'")
         if not 0.0 <= self.caption_dropout <= 1.0:

@@ -14,6 +14,12 @@ ship with the package), its linears counted, and each part of the peak estimated
   its few latent-sized tensors (z1, the rollout state, the CFG velocity) over SFT, for any K;
 * fixed costs: CUDA context and the VAE decoder kept for validation images.
 
+The cache stage runs before training, once per dataset, and frees its encoders before the
+transformer loads: it is planned separately. SD3.5's text encoders (~11 GB in bf16, T5-XXL ~9.5)
+are larger than the training stage on small cards, so the plan says which ``data.encoder_offload``
+``auto`` will pick for the card (the rule of :mod:`soar_lite.offload`), the cache stage's GPU peak
+under it, and the system RAM the encoders need (they load into RAM first).
+
 Real peaks also depend on the allocator and kernels: a 20 % margin is added to activations and the
 numbers are labelled estimates until measured on a GPU (the CUDA preflight does that).
 """
@@ -52,6 +58,13 @@ QUANT_BYTES = {
     "torchao-fp8": 1.0,
 }
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Public parameter counts of SD3.5's text encoders (CLIP-L and OpenCLIP bigG text towers with their
+# projections, the T5 v1.1 XXL encoder) and of its VAE: the same for Medium and Large.
+SD35_ENCODER_PARAMS = {"CLIP-L": 123.7e6, "CLIP-G": 695.0e6, "T5-XXL": 4762.3e6}
+SD35_VAE_PARAMS = 83.7e6
+ENCODE_WORKSPACE_GB = 0.3  # activations of one chunk of prompts through T5-XXL
+STREAMED_LAYERS = 24  # sequential offload holds about one of T5-XXL's 24 blocks at a time
+PROCESS_RAM_GB = 1.5  # Python, torch and the libraries, before any weights
 
 
 def transformer_config(model: str) -> dict[str, Any]:
@@ -71,13 +84,95 @@ def transformer_config(model: str) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def encoder_params(model: str) -> tuple[dict[str, float], float]:
+    """(text encoder parameter counts by name, VAE parameter count) of a model, without weights:
+    public counts for SD3.5, safetensors headers for a local folder, the tiny base built in code."""
+    if model in ALIASES:
+        return dict(SD35_ENCODER_PARAMS), SD35_VAE_PARAMS
+    if model == BUILTIN:
+        from soar_lite.toy.tiny_sd3 import build_tiny_components
+
+        parts = build_tiny_components()
+        counts = {
+            name: float(sum(p.numel() for p in parts[name].parameters()))
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if parts.get(name) is not None
+        }
+        return counts, float(sum(p.numel() for p in parts["vae"].parameters()))
+    folder = Path(model)
+    subs = [sub for sub in sorted(folder.glob("text_encoder*")) if sub.is_dir()]
+    counts = {sub.name: _safetensors_params(sub) for sub in subs}
+    return {k: v for k, v in counts.items() if v}, _safetensors_params(folder / "vae")
+
+
+def _safetensors_params(folder: Path) -> float:
+    """Parameters stored in a folder's ``*.safetensors`` files, read from their JSON headers only."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with file.open("rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                n = 1
+                for dim in entry["shape"]:
+                    n *= dim
+                total += n
+    return float(total)
+
+
+@dataclass
+class CacheStagePlan:
+    """The cache stage: where the text encoders go on this card, its GPU peak, its system RAM."""
+
+    encoders_gb: dict[str, float]
+    mode: str
+    gpu_peak_gb: float
+    ram_gb: float
+
+    def render(self) -> str:
+        sizes = ", ".join(f"{name} {gb:.2f}" for name, gb in self.encoders_gb.items())
+        how = {
+            "none": "all on the GPU",
+            "model": "one encoder on the GPU at a time",
+            "sequential": "layers streamed through the GPU",
+        }[self.mode]
+        return "\n".join([
+            "cache stage (once per dataset; encoders freed before training)",
+            f"  text encoders: {sizes}",
+            f"  encoder_offload=auto -> {self.mode} ({how})",
+            f"  {'GPU peak':38s} {self.gpu_peak_gb:7.2f}",
+            f"  {'system RAM peak':38s} {self.ram_gb:7.2f}",
+        ])  # fmt: skip
+
+
+def plan_cache_stage(model: str, dtype: str, tier_gb: float | None) -> CacheStagePlan:
+    """The cache stage of ``model`` at ``dtype`` on a ``tier_gb`` card (None: pick as for a CPU)."""
+    from soar_lite import offload
+
+    counts, vae_params = encoder_params(model)
+    nbytes = DTYPE_BYTES[dtype]
+    sizes = {name: n * nbytes for name, n in counts.items()}
+    vae = vae_params * nbytes
+    budget = None if tier_gb is None else tier_gb * GIB - vae
+    mode = offload.choose(list(sizes.values()), budget)
+    largest = max(sizes.values(), default=0.0)
+    resident = {"none": sum(sizes.values()), "model": largest, "sequential": largest / STREAMED_LAYERS}[mode]
+    return CacheStagePlan(
+        {name: size / GIB for name, size in sizes.items()},
+        mode,
+        CUDA_CONTEXT_GB + (vae + resident) / GIB + ENCODE_WORKSPACE_GB,
+        PROCESS_RAM_GB + sum(sizes.values()) / GIB,
+    )
+
+
 @dataclass
 class Plan:
-    """Estimated GiB per part of the peak, and the verdict for a tier."""
+    """Estimated GiB per part of the training peak, the verdict for a tier, and the cache stage."""
 
     model: str
     parts: dict[str, float]
     tier_gb: float | None
+    cache: CacheStagePlan | None = None
 
     @property
     def total(self) -> float:
@@ -94,6 +189,8 @@ class Plan:
         if self.tier_gb is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  {verdict} a {self.tier_gb:g} GB card (95 % usable)")
+        if self.cache is not None:
+            lines.append(self.cache.render())
         return "\n".join(lines)
 
 
@@ -155,10 +252,55 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
         "SOAR extras (per-term backward, any K)": 0.0 if cfg.effective_lambda_aux == 0 else 6 * latents / GIB,
         "CUDA context + VAE decoder": CUDA_CONTEXT_GB + VAE_DECODER_GB,
     }
-    return Plan(model, parts, tier_gb)
+    return Plan(model, parts, tier_gb, plan_cache_stage(model, cfg.model.dtype, tier_gb))
 
 
 def tier_of(preset: str) -> float | None:
     """``24gb`` -> 24.0; presets without a VRAM tier in their name -> None."""
     name = Path(preset).stem
     return float(name[:-2]) if name.endswith("gb") and name[:-2].isdigit() else None
+
+
+# Changes tried, in order, when a plan does not fit: each keeps the ones before it. The order is
+# what costs the least quality first (memory-only knobs), then resolution, then adapter size.
+FIT_STEPS = (
+    ("gradient_checkpointing", "true"),
+    ("optimizer", "adamw8bit"),
+    ("quant", "int8"),
+    ("quant", "nf4"),
+    ("resolution", "768"),
+    ("resolution", "512"),
+    ("batch_size", "1"),
+    ("rank", "8"),
+)
+
+
+def suggest(preset: str, overrides: list[str], model: str, tier_gb: float) -> tuple[list[str], Plan] | None:
+    """The first cumulative set of ``FIT_STEPS`` overrides under which ``preset`` fits ``tier_gb``
+    on ``model`` (with the plan it gives), or None if even all of them do not fit."""
+    from soar_lite.config import load_config
+
+    def build(changes: dict[str, str]) -> TrainConfig:
+        return load_config(preset, [*overrides, *(f"{k}={v}" for k, v in changes.items())])
+
+    chosen: dict[str, str] = {}
+    for key, value in FIT_STEPS:
+        now = _knob(build(chosen), key)
+        if now == _knob(build({**chosen, key: value}), key) or (key == "resolution" and now < int(value)):
+            continue  # already there (or already smaller): nothing to change
+        chosen[key] = value
+        result = plan(build(chosen), model, tier_gb)
+        if result.fits:
+            return [f"{k}={v}" for k, v in chosen.items()], result
+    return None
+
+
+def _knob(cfg: TrainConfig, key: str) -> Any:
+    return {
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "optimizer": cfg.optim.optimizer,
+        "quant": cfg.model.quant,
+        "resolution": cfg.data.resolution or 1024,
+        "batch_size": cfg.batch_size,
+        "rank": cfg.lora.rank,
+    }[key]

@@ -111,6 +111,7 @@ def prepare_data(
                 transformer=False,
                 text_encoders=texts,
                 vae=images,
+                encoder_offload=cfg.data.encoder_offload,
             )
 
         root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else home_dir() / "cache"

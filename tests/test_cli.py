@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from soar_lite.cli import main
@@ -74,3 +76,12 @@ def test_plan_prints_a_breakdown_and_verdict(capsys):
     assert main(["plan", "--preset", "24gb", "--model", "sd3.5-large"]) == 0
     out = capsys.readouterr().out
     assert "base weights (nf4" in out and "activations" in out and "fits a 24 GB card" in out
+    assert "cache stage" in out and "encoder_offload=auto -> none" in out
+
+
+def test_plan_for_a_custom_budget_says_what_to_change(capsys):
+    assert main(["plan", "--preset", "16gb", "--model", "sd3.5-large", "--vram", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit a 12 GB card" in out
+    assert "encoder_offload=auto -> model" in out
+    assert re.search(r"fits 12 GB with: .*quant=int8.*\(estimate [\d.]+ GiB\)", out)

@@ -9,7 +9,16 @@ import torch
 
 from soar_lite import config
 from soar_lite.errors import UserError
-from soar_lite.plan import _count, activation_values, plan, tier_of, transformer_config
+from soar_lite.plan import (
+    _count,
+    activation_values,
+    encoder_params,
+    plan,
+    plan_cache_stage,
+    suggest,
+    tier_of,
+    transformer_config,
+)
 
 
 def _measured_saved_bytes(dual: bool, image_side: int, text_tokens: int) -> tuple[int, dict]:
@@ -72,6 +81,9 @@ def test_every_gpu_preset_states_the_planner_estimate_and_fits_its_tier(name):
     stated = re.search(r"Planner estimate .*: ([\d.]+) GiB", config.preset_header(name))
     assert stated and float(stated.group(1)) == round(result.total, 1)
     assert result.fits
+    cache = re.search(r"Cache stage: encoder_offload=auto -> (\w+) .*: ([\d.]+) GiB GPU", config.preset_header(name))
+    assert cache and cache.group(1) == result.cache.mode
+    assert float(cache.group(2)) == round(result.cache.gpu_peak_gb, 1) < tier_of(name) * 0.95
 
 
 def test_checkpointing_and_quantization_lower_the_estimate():
@@ -91,3 +103,33 @@ def test_soar_adds_almost_nothing_over_sft_for_any_k():
 def test_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="no transformer config"):
         transformer_config(str(tmp_path))
+
+
+@pytest.mark.parametrize(("tier", "mode"), [(8, "sequential"), (12, "model"), (24, "none")])
+def test_cache_stage_offloads_sd35_encoders_on_small_cards_and_fits(tier, mode):
+    stage = plan_cache_stage("sd3.5-medium", "bfloat16", tier)
+    assert stage.mode == mode
+    assert stage.gpu_peak_gb < tier * 0.95  # the cache stage itself fits the card
+    assert 10.0 < stage.ram_gb < 14.0  # ~11 GB of bf16 encoders load into system RAM first
+
+
+def test_encoder_params_of_a_folder_are_read_from_safetensors_headers(tiny_model_dir):
+    from soar_lite.toy.tiny_sd3 import load_tiny_pipeline
+
+    pipe = load_tiny_pipeline(tiny_model_dir)
+    counts, vae = encoder_params(str(tiny_model_dir))
+    assert counts == {
+        "text_encoder": sum(p.numel() for p in pipe.text_encoder.parameters()),
+        "text_encoder_2": sum(p.numel() for p in pipe.text_encoder_2.parameters()),
+    }
+    assert vae == sum(p.numel() for p in pipe.vae.parameters())
+
+
+def test_suggest_finds_the_cheapest_changes_that_fit():
+    assert plan(config.load_config("16gb"), "sd3.5-large", 16).fits is False
+    changes, fitted = suggest("16gb", [], "sd3.5-large", 16)
+    assert changes == ["quant=int8"] and fitted.fits
+    changes, fitted = suggest("48gb", [], "sd3.5-large", 6)
+    assert fitted.fits and fitted.total <= 6 * 0.95
+    assert "quant=nf4" in changes and "resolution=512" in changes
+    assert suggest("48gb", [], "sd3.5-large", 2) is None

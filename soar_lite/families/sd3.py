@@ -9,6 +9,7 @@ the pipeline's own ``encode_prompt``, so cached embeddings are exactly what samp
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 from transformers.utils import logging as transformers_logging
 
+from soar_lite import offload
 from soar_lite.errors import UserError
 from soar_lite.objective import Cond, NoiseGrid, Velocity
 
@@ -32,6 +34,7 @@ diffusers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 
+log = logging.getLogger("soar_lite.cache")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -74,6 +77,27 @@ def sd3_velocity(transformer: torch.nn.Module) -> Velocity:
     return f
 
 
+def _place_parts(pipe: StableDiffusion3Pipeline, device: torch.device, encoder_offload: str) -> None:
+    """VAE onto ``device``; the text encoders as ``encoder_offload`` says (auto: by free memory)."""
+    if pipe.vae is not None:
+        pipe.vae.to(device)
+    encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
+    mode = encoder_offload
+    sizes = [offload.module_bytes(m) for m in encoders]
+    if mode == "auto":
+        budget = offload.free_device_bytes(device)
+        if budget is not None and pipe.vae is not None:
+            budget -= offload.module_bytes(pipe.vae)
+        mode = offload.choose(sizes, budget)
+        if mode != "none":
+            log.warning(
+                "cache: the text encoders (%.1f GB) do not all fit the GPU's %.1f GB free: "
+                "encoder_offload=%s (%s)", sum(sizes) / 1e9, (budget or 0) / 1e9, mode,
+                "one encoder on the GPU at a time" if mode == "model" else "layers streamed through the GPU",
+            )  # fmt: skip
+    offload.place(encoders, mode, device)
+
+
 class SD3Family:
     """SD3/SD3.5 parts on one device. Build with :meth:`load`; missing parts are ``None``."""
 
@@ -107,8 +131,12 @@ class SD3Family:
         transformer: bool = True,
         text_encoders: bool = True,
         vae: bool = True,
+        encoder_offload: str = "auto",
     ) -> SD3Family:
-        """Load the parts asked for from a pipeline folder or hub id (hub needs network)."""
+        """Load the parts asked for from a pipeline folder or hub id (hub needs network).
+
+        ``encoder_offload`` places the text encoders (see :mod:`soar_lite.offload`): ``auto``
+        keeps them all on the GPU only if they fit its free memory."""
         from soar_lite import quant as quantization
 
         _check_model_path(path)
@@ -136,7 +164,7 @@ class SD3Family:
                 model.requires_grad_(False)
         except OSError as exc:
             raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
-        pipe.to(device)
+        _place_parts(pipe, torch.device(device), encoder_offload)
         stub = _ConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
         pipe.transformer = stub
         pipe.patch_size = stub.config["patch_size"]
