@@ -307,6 +307,13 @@ def _literal(raw: str) -> object:
     return tuple(value) if isinstance(value, list) else value
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check this machine (GPU, torch build, packages, quant backends, RAM, disk, presets); 1 on FAIL."""
+    from soar_lite.doctor import doctor
+
+    return doctor(as_json=args.json)
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="cpu-tiny", help="preset name (soar-lite presets) or a .yaml path")
     p.add_argument("--model", help="diffusers SD3/SD3.5 folder or hub id (default: built-in tiny base)")
@@ -330,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export": (cmd_export, "write a LoRA in kohya (SAI-native) or comfyui layout"),
         "merge": (cmd_merge, "fuse LoRA(s) into the base transformer (diffusers folder)"),
         "app": (cmd_app, "serve the web app (Gradio) on 127.0.0.1:7860"),
+        "doctor": (cmd_doctor, "check this machine: GPU, torch/CUDA, packages, quant backends, RAM, disk"),
     }
     for name, (func, help_text) in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -355,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", choices=BENCHES)
             p.add_argument("--output", help="JSON path (default: benchmarks/NAME.json)")
             p.add_argument("knobs", nargs="*", metavar="key=value", help="e.g. repeats=10 ks=1,2,6")
+        if name == "doctor":
+            p.add_argument("--json", action="store_true", help="print a machine-readable record instead")
     return parser
 
 
