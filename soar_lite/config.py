@@ -388,10 +388,15 @@ def preset_names() -> list[str]:
 
 
 def preset_path(name: str) -> Path:
-    """The YAML file of a preset name (or a path to a user's own preset file)."""
+    """The YAML file of a preset name, a path to a user's own preset file, or an earlier run's
+    folder (its ``config.yaml``: every setting of that run, so a run can be repeated or varied)."""
     candidate = Path(name)
     if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
         return candidate
+    if candidate.is_dir():
+        if (candidate / "config.yaml").is_file():
+            return candidate / "config.yaml"
+        raise UserError(f"{name} is a folder without config.yaml: not a soar-lite run folder")
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
@@ -29,6 +30,7 @@ from soar_lite.objective import Draws, LossReport, NoiseGrid, soar_loss
 from soar_lite.paths import home_dir
 
 RUN_RECORD = "soar_lite_run.json"
+RUN_CONFIG = "config.yaml"  # the resolved settings: ``--preset RUN_FOLDER`` reruns them
 METRICS = "metrics.jsonl"
 
 
@@ -488,4 +490,11 @@ def _write_record(
     }
     if acc.is_main_process:
         (output / RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        if status == "running":
+            header = (
+                f"# The settings of the run in {output.name}/ (every key, resolved). Rerun or vary them:\n"
+                f"#   soar-lite train --preset {output} --output NEW_FOLDER [key=value ...]\n"
+            )
+            body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+            (output / RUN_CONFIG).write_text(header + body, encoding="utf-8")
     return record

@@ -81,7 +81,8 @@ def test_every_gpu_preset_states_the_planner_estimate_and_fits_its_tier(name):
     stated = re.search(r"Planner estimate .*: ([\d.]+) GiB", config.preset_header(name))
     assert stated and float(stated.group(1)) == round(result.total, 1)
     assert result.fits
-    cache = re.search(r"Cache stage: encoder_offload=auto -> (\w+) .*: ([\d.]+) GiB GPU", config.preset_header(name))
+    header = config.preset_header(name)
+    cache = re.search(r"Cache stage: encoder_offload=auto -> (\w+) .*: ([\d.]+) GiB GPU", header)
     assert cache and cache.group(1) == result.cache.mode
     assert float(cache.group(2)) == round(result.cache.gpu_peak_gb, 1) < tier_of(name) * 0.95
 

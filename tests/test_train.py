@@ -201,3 +201,21 @@ def test_optimizer_and_precision_variants_train(tiny_model_dir, tiny_data_dir, t
     weights = _lora(out)
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert any(w.abs().max() > 0 for k, w in weights.items() if "lora_B" in k), "the adapter never moved"
+
+
+def test_a_run_folder_is_a_preset_that_repeats_the_run_exactly(tiny_model_dir, tiny_data_dir, tmp_path):
+    first = run(tiny_model_dir, tiny_data_dir, tmp_path / "first", steps=2, seed=7, lr=3e-3)
+    assert (first / train.RUN_CONFIG).read_text().startswith("# The settings of the run in first/")
+    cfg = config.load_config(str(first))
+    original = json.loads((first / train.RUN_RECORD).read_text())["config"]
+    assert json.loads(json.dumps(config.config_to_dict(cfg))) == original
+    again = train.train(cfg, tmp_path / "again", progress=False)
+    a, b = load_file(str(first / LORA_FILE)), load_file(str(again / LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    varied = config.load_config(str(first), ["steps=5"])
+    assert varied.steps == 5 and varied.seed == 7
+
+
+def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not a soar-lite run folder"):
+        config.load_config(str(tmp_path))
