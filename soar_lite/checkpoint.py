@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from soar_lite import lora
+from soar_lite.ema import LoraEMA
 from soar_lite.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -77,6 +78,7 @@ def save(
     scheduler: Any,
     generator: torch.Generator,
     keep: int,
+    ema: LoraEMA | None = None,
 ) -> Path:
     """Write ``root/step-NNNNNN`` atomically, then prune to the newest ``keep``."""
     final = root / f"step-{state.step:06d}"
@@ -84,6 +86,8 @@ def save(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     lora.atomic_save(lora.adapter_state(transformer), tmp / "adapter.safetensors")
+    if ema is not None:
+        lora.atomic_save(ema.state_dict(), tmp / "ema.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(
@@ -97,10 +101,19 @@ def save(
 
 
 def load(
-    path: Path, transformer: torch.nn.Module, optimizer: Any, scheduler: Any, generator: torch.Generator
+    path: Path,
+    transformer: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    generator: torch.Generator,
+    ema: LoraEMA | None = None,
 ) -> TrainState:
     """Restore a checkpoint written by :func:`save` into live objects; returns the loop position."""
     lora.restore_adapter(transformer, load_file(str(path / "adapter.safetensors")))
+    if ema is not None:
+        if not (path / "ema.safetensors").is_file():
+            raise UserError(f"--resume {path}: this checkpoint has no EMA (was ema_decay=0 then?)")
+        ema.load_state_dict(load_file(str(path / "ema.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     saved = torch.load(path / "state.pt", weights_only=False)

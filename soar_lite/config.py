@@ -173,6 +173,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0
+    ema_decay: float = 0.0  # > 0 (e.g. 0.999): also write an EMA of the LoRA (..._ema.safetensors)
 
     def __post_init__(self) -> None:
         _choice("optim.optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
@@ -185,6 +186,8 @@ class OptimConfig:
             ("constant", "constant_with_warmup", "linear", "cosine"),
         )
         _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"optim.ema_decay={self.ema_decay!r} must be in [0, 1) (0 = no EMA; e.g. 0.999)")
 
 
 @dataclass

@@ -75,10 +75,12 @@ def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]
     os.replace(tmp, path)
 
 
-def save_lora(transformer: torch.nn.Module, cfg: LoraConfig, folder: Path, record: dict) -> Path:
+def save_lora(
+    transformer: torch.nn.Module, cfg: LoraConfig, folder: Path, record: dict, name: str = LORA_FILE
+) -> Path:
     """``folder/pytorch_lora_weights.safetensors`` (folded, diffusers layout) with a small JSON note."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LORA_FILE
+    path = folder / name
     meta = {"format": "pt", "soar_lite": json.dumps({"rank": cfg.rank, "scale_folded": True, **record})}
     atomic_save(folded_state(transformer, cfg), path, meta)
     return path

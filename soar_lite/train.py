@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from soar_lite import cache, checkpoint, lora
 from soar_lite.config import BUILTIN, SoarConfig, TrainConfig, config_to_dict
 from soar_lite.data import load_items
+from soar_lite.ema import EMA_FILE, LoraEMA
 from soar_lite.errors import UserError
 from soar_lite.families.sd3 import SD3Family, model_settings
 from soar_lite.objective import Draws, LossReport, NoiseGrid, soar_loss
@@ -47,6 +48,7 @@ class Run:
     scheduler: Any
     generator: torch.Generator
     params: list[torch.nn.Parameter]
+    ema: LoraEMA | None = None
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -173,7 +175,10 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
     scheduler = build_scheduler(optimizer, cfg)
     model, optimizer = accelerator.prepare(family.transformer, optimizer)
     generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
-    return Run(accelerator, family, model, data, family.noise_grid(), optimizer, scheduler, generator, params)
+    ema = LoraEMA(params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    return Run(
+        accelerator, family, model, data, family.noise_grid(), optimizer, scheduler, generator, params, ema
+    )
 
 
 def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> LossReport:
@@ -215,6 +220,8 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.params)
     state.step += 1
     return totals
 
@@ -353,7 +360,7 @@ def train(
     if resume:
         found = checkpoint.resolve(output / "checkpoints", resume)
         state = checkpoint.load(
-            found, acc.unwrap_model(run.model), run.optimizer, run.scheduler, run.generator
+            found, acc.unwrap_model(run.model), run.optimizer, run.scheduler, run.generator, run.ema
         )
     resolution = resolve_resolution(cfg, model_path)
     logger = Logger(output, acc.is_main_process)
@@ -397,12 +404,12 @@ def train(
     acc.wait_for_everyone()
     if acc.is_main_process:
         record = _write_record(output, cfg, model_path, state, "done", acc)
-        lora.save_lora(
-            acc.unwrap_model(run.model),
-            cfg.lora,
-            output,
-            {"objective": cfg.objective, "base_model": record["base_model"]},
-        )
+        note = {"objective": cfg.objective, "base_model": record["base_model"]}
+        lora.save_lora(acc.unwrap_model(run.model), cfg.lora, output, note)
+        if run.ema is not None:
+            with run.ema.swapped_in(run.params):
+                note = {**note, "ema_decay": cfg.optim.ema_decay}
+                lora.save_lora(acc.unwrap_model(run.model), cfg.lora, output, note, name=EMA_FILE)
         if not cfg.validation.every or cfg.steps % cfg.validation.every:
             validate(run, cfg, output, state.step, resolution)
     acc.wait_for_everyone()
@@ -419,6 +426,7 @@ def _save_checkpoint(run: Run, cfg: TrainConfig, output: Path, state: checkpoint
             run.scheduler,
             run.generator,
             cfg.keep_checkpoints,
+            run.ema,
         )
     run.accelerator.wait_for_everyone()
 
@@ -439,8 +447,10 @@ def _check_headroom(peak_gb: float, device: torch.device) -> None:
     """Windows drivers spill into shared memory near the limit and training crawls instead of failing."""
     total = torch.cuda.get_device_properties(device).total_memory / 2**30
     if peak_gb > 0.9 * total:
-        print(f"warning: the first step peaked at {peak_gb:.1f} of {total:.1f} GiB; near the limit some "
-              "drivers spill into system memory and slow down: consider quant=nf4 or a smaller resolution")
+        print(
+            f"warning: the first step peaked at {peak_gb:.1f} of {total:.1f} GiB; near the limit some "
+            "drivers spill into system memory and slow down: consider quant=nf4 or a smaller resolution"
+        )
 
 
 def _check_finite(metrics: dict[str, float], step: int) -> None:

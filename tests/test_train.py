@@ -219,3 +219,40 @@ def test_a_run_folder_is_a_preset_that_repeats_the_run_exactly(tiny_model_dir, t
 def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="not a soar-lite run folder"):
         config.load_config(str(tmp_path))
+
+
+def test_ema_lora_is_written_loads_in_diffusers_and_resumes_exactly(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    from soar_lite.ema import EMA_FILE
+
+    knobs = {"steps": 4, "ema_decay": 0.9, "checkpoint_every": 2, "data.cache_dir": tmp_path / "cache"}
+    straight = run(tiny_model_dir, tiny_data_dir, tmp_path / "a", **knobs)
+    raw, ema = load_file(str(straight / LORA_FILE)), load_file(str(straight / EMA_FILE))
+    assert raw.keys() == ema.keys()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # an average, not the last step
+
+    real_step = train.train_step
+
+    def interrupt_after_two(run_, cfg, state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+        return real_step(run_, cfg, state)
+
+    monkeypatch.setattr(train, "train_step", interrupt_after_two)
+    with pytest.raises(UserError, match="interrupted"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "b", **knobs)
+    monkeypatch.setattr(train, "train_step", real_step)
+    resumed = run(tiny_model_dir, tiny_data_dir, tmp_path / "b", resume="latest", **knobs)
+    again = load_file(str(resumed / EMA_FILE))
+    assert all(torch.equal(ema[k], again[k]) for k in ema)
+
+    pipe = _pipe(tiny_model_dir)
+    before = _sample(pipe)
+    pipe.load_lora_weights(str(straight), weight_name=EMA_FILE)
+    assert not torch.allclose(_sample(pipe), before)
+    assert not (tmp_path / "plain").exists()
+    plain = run(
+        tiny_model_dir, tiny_data_dir, tmp_path / "plain", steps=1, **{"data.cache_dir": tmp_path / "cache"}
+    )
+    assert not (plain / EMA_FILE).exists()
