@@ -290,14 +290,30 @@ def validate(run: Run, cfg: TrainConfig, output: Path, step: int, resolution: in
 class Logger:
     """metrics.jsonl (read by the app) + TensorBoard, main process only."""
 
-    def __init__(self, output: Path, enabled: bool) -> None:
+    def __init__(self, output: Path, enabled: bool, metrics: bool = True) -> None:
         self.enabled = enabled
         self.writer = None
+        self.file = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(output / "logs"))
-            self.file = (output / METRICS).open("a", encoding="utf-8")
+            if metrics:
+                self.file = (output / METRICS).open("a", encoding="utf-8")
+
+    def images(self, step: int, paths: list[Path]) -> None:
+        """Validation samples into TensorBoard too (tag = the prompt's index and its first words),
+        so they sit next to the loss curves, not only as PNG files."""
+        if not self.enabled or not paths:
+            return
+        import numpy as np
+        from PIL import Image
+
+        for path in paths:
+            prompt = path.with_suffix(".txt").read_text(encoding="utf-8")
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            self.writer.add_image(f"samples/{path.stem} {prompt[:40]}", pixels, step, dataformats="HWC")
+        self.writer.flush()
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -310,7 +326,8 @@ class Logger:
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
-            self.file.close()
+            if self.file is not None:
+                self.file.close()
 
 
 def step_metrics(report: LossReport, run: Run, seconds: float, world: int) -> dict[str, float]:
@@ -392,7 +409,7 @@ def train(
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
                 _save_checkpoint(run, cfg, output, state)
             if cfg.validation.every and state.step % cfg.validation.every == 0 and acc.is_main_process:
-                validate(run, cfg, output, state.step, resolution)
+                logger.images(state.step, validate(run, cfg, output, state.step, resolution))
     except KeyboardInterrupt:
         _save_checkpoint(run, cfg, output, state)
         raise UserError(
@@ -411,7 +428,9 @@ def train(
                 note = {**note, "ema_decay": cfg.optim.ema_decay}
                 lora.save_lora(acc.unwrap_model(run.model), cfg.lora, output, note, name=EMA_FILE)
         if not cfg.validation.every or cfg.steps % cfg.validation.every:
-            validate(run, cfg, output, state.step, resolution)
+            final = Logger(output, enabled=True, metrics=False)
+            final.images(state.step, validate(run, cfg, output, state.step, resolution))
+            final.close()
     acc.wait_for_everyone()
     return output
 

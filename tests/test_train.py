@@ -256,3 +256,20 @@ def test_ema_lora_is_written_loads_in_diffusers_and_resumes_exactly(
         tiny_model_dir, tiny_data_dir, tmp_path / "plain", steps=1, **{"data.cache_dir": tmp_path / "cache"}
     )
     assert not (plain / EMA_FILE).exists()
+
+
+@pytest.mark.parametrize(("every", "steps_logged"), [(1, [1, 2]), (0, [2])])
+def test_validation_samples_reach_tensorboard(tiny_model_dir, tiny_data_dir, tmp_path, every, steps_logged):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    knobs = {"steps": 2, "validation.num_prompts": 1, "validation.steps": 2, "validation.every": every}
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "run", **knobs)
+    logged = []
+    for events in sorted((out / "logs").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            assert tag.startswith("samples/00 ")
+            logged += [(e.step, e.width, e.height) for e in acc.Images(tag)]
+    assert [step for step, _, _ in logged] == steps_logged
+    assert all((w, h) == (32, 32) for _, w, h in logged)
