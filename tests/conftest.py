@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def ctrl_c_at(step: int) -> Iterator[None]:
+    """Inside the block, training is interrupted (KeyboardInterrupt, as Ctrl-C) when it reaches
+    optimizer step ``step``; the real step is back afterwards."""
+    from soar_lite import train
+
+    real = train.train_step
+
+    def step_or_interrupt(run, cfg, state):
+        if state.step == step:
+            raise KeyboardInterrupt
+        return real(run, cfg, state)
+
+    train.train_step = step_or_interrupt
+    try:
+        yield
+    finally:
+        train.train_step = real

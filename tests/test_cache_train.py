@@ -15,7 +15,7 @@ from soar_lite import config, train
 from soar_lite.errors import UserError
 from soar_lite.families.sd3 import SD3Family
 from soar_lite.lora import LORA_FILE
-from tests.conftest import tiny_overrides
+from tests.conftest import ctrl_c_at, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def _mixed_data(folder: Path) -> Path:
     return folder
 
 
-def test_buckets_and_caption_dropout_train_and_resume_exactly(tiny_model_dir, tmp_path, monkeypatch):
+def test_buckets_and_caption_dropout_train_and_resume_exactly(tiny_model_dir, tmp_path):
     """Two buckets (batches never mix them), caption dropout drawn per batch: resume is still exact."""
     data = _mixed_data(tmp_path / "mixed")
     knobs = {
@@ -111,17 +111,8 @@ def test_buckets_and_caption_dropout_train_and_resume_exactly(tiny_model_dir, tm
     data_ = train.prepare_data(cfg, str(tiny_model_dir), tmp_path, train.make_accelerator(cfg), False)
     assert sorted(z.shape[2:] for z in data_.latents) == [(10, 22), (16, 16)]  # 44x20 and 32x32 px
     assert all(c.startswith("ohwx, ") for c in data_.captions)
-    real_step = train.train_step
-
-    def interrupt_after_two(run_, cfg_, state):
-        if state.step == 2:
-            raise KeyboardInterrupt
-        return real_step(run_, cfg_, state)
-
-    monkeypatch.setattr(train, "train_step", interrupt_after_two)
-    with pytest.raises(UserError, match="interrupted at step 2"):
+    with ctrl_c_at(2), pytest.raises(UserError, match="interrupted at step 2"):
         train.train(cfg, tmp_path / "b", progress=False)
-    monkeypatch.setattr(train, "train_step", real_step)
     resumed = load_file(str(train.train(cfg, tmp_path / "b", resume="latest", progress=False) / LORA_FILE))
     assert straight.keys() == resumed.keys()
     for key in straight:

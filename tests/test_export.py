@@ -23,19 +23,12 @@ HIDDEN = 64  # 2 heads x 32
 
 def tiny_sd35_transformer(seed: int = 0) -> SD3Transformer2DModel:
     """SD3.5-Medium-shaped: a dual-attention (attn2) first block and RMS qk-norm, 2 layers."""
-    torch.manual_seed(seed)
-    return SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
+    from soar_lite.toy.tiny_sd3 import tiny_sd3_transformer
+
+    return tiny_sd3_transformer(
+        seed,
         attention_head_dim=32,
-        num_attention_heads=2,
-        joint_attention_dim=64,  # the tiny pipeline's two CLIPs (32 + 32)
-        caption_projection_dim=HIDDEN,
-        pooled_projection_dim=64,
-        pos_embed_max_size=32,
+        caption_projection_dim=HIDDEN,  # joint_attention_dim 64: the tiny pipeline's two CLIPs (32 + 32)
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )

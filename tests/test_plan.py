@@ -22,29 +22,19 @@ from soar_lite.plan import (
 
 
 def _measured_saved_bytes(dual: bool, image_side: int, text_tokens: int) -> tuple[int, dict]:
-    from diffusers import SD3Transformer2DModel
-
     from soar_lite.bench.step import SavedTensorMeter
     from soar_lite.config import LoraConfig
     from soar_lite.lora import add_lora
+    from soar_lite.toy.tiny_sd3 import tiny_sd3_transformer
 
-    torch.manual_seed(0)
-    kwargs = dict(
+    model = tiny_sd3_transformer(
+        0,
         sample_size=image_side,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
         num_layers=3,
-        attention_head_dim=64,
-        num_attention_heads=2,
-        joint_attention_dim=64,
-        caption_projection_dim=128,
-        pooled_projection_dim=64,
         pos_embed_max_size=64,
         qk_norm="rms_norm",
         dual_attention_layers=(0, 1) if dual else (),
     )
-    model = SD3Transformer2DModel(**kwargs)
     model.requires_grad_(False)
     add_lora(model, LoraConfig(rank=8, alpha=8.0))
     meter = SavedTensorMeter(model.parameters())
@@ -57,7 +47,7 @@ def _measured_saved_bytes(dual: bool, image_side: int, text_tokens: int) -> tupl
             return_dict=False,
         )[0]
         out.square().mean().backward()
-    return meter.peak, kwargs
+    return meter.peak, dict(model.config)
 
 
 @pytest.mark.parametrize(("dual", "side", "text"), [(False, 16, 16), (False, 32, 48), (True, 32, 16)])

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from soar_lite import config, train
 from soar_lite.errors import UserError
 from soar_lite.lora import LORA_FILE
-from tests.conftest import tiny_overrides
+from tests.conftest import ctrl_c_at, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -76,9 +76,7 @@ def test_lora_file_loads_in_diffusers_fuses_to_base_plus_BA_and_changes_output(
     torch.testing.assert_close(fused, base_q + b @ a, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_gives_the_same_lora_as_straight_training(
-    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
-):
+def test_resume_gives_the_same_lora_as_straight_training(tiny_model_dir, tiny_data_dir, tmp_path):
     """N steps straight == N/2 steps, interrupt (checkpoint), --resume latest, N/2 steps: bit for bit."""
     knobs = {
         "steps": 4,
@@ -90,19 +88,10 @@ def test_resume_gives_the_same_lora_as_straight_training(
     }
     straight = load_file(str(run(tiny_model_dir, tiny_data_dir, tmp_path / "a", **knobs) / LORA_FILE))
 
-    real_step = train.train_step
-
-    def interrupt_after_two(run_, cfg, state):
-        if state.step == 2:
-            raise KeyboardInterrupt
-        return real_step(run_, cfg, state)
-
-    monkeypatch.setattr(train, "train_step", interrupt_after_two)
-    with pytest.raises(UserError, match="interrupted at step 2: checkpoint saved"):
+    with ctrl_c_at(2), pytest.raises(UserError, match="interrupted at step 2: checkpoint saved"):
         run(tiny_model_dir, tiny_data_dir, tmp_path / "b", **knobs)
     assert not (tmp_path / "b" / LORA_FILE).exists()
     (tmp_path / "b" / "checkpoints" / ".tmp-step-000003-1").mkdir()  # a half-written later checkpoint
-    monkeypatch.setattr(train, "train_step", real_step)
     resumed = load_file(
         str(run(tiny_model_dir, tiny_data_dir, tmp_path / "b", resume="latest", **knobs) / LORA_FILE)
     )
@@ -221,9 +210,7 @@ def test_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
         config.load_config(str(tmp_path))
 
 
-def test_ema_lora_is_written_loads_in_diffusers_and_resumes_exactly(
-    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
-):
+def test_ema_lora_is_written_loads_in_diffusers_and_resumes_exactly(tiny_model_dir, tiny_data_dir, tmp_path):
     from soar_lite.ema import EMA_FILE
 
     knobs = {"steps": 4, "ema_decay": 0.9, "checkpoint_every": 2, "data.cache_dir": tmp_path / "cache"}
@@ -232,17 +219,8 @@ def test_ema_lora_is_written_loads_in_diffusers_and_resumes_exactly(
     assert raw.keys() == ema.keys()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # an average, not the last step
 
-    real_step = train.train_step
-
-    def interrupt_after_two(run_, cfg, state):
-        if state.step == 2:
-            raise KeyboardInterrupt
-        return real_step(run_, cfg, state)
-
-    monkeypatch.setattr(train, "train_step", interrupt_after_two)
-    with pytest.raises(UserError, match="interrupted"):
+    with ctrl_c_at(2), pytest.raises(UserError, match="interrupted"):
         run(tiny_model_dir, tiny_data_dir, tmp_path / "b", **knobs)
-    monkeypatch.setattr(train, "train_step", real_step)
     resumed = run(tiny_model_dir, tiny_data_dir, tmp_path / "b", resume="latest", **knobs)
     again = load_file(str(resumed / EMA_FILE))
     assert all(torch.equal(ema[k], again[k]) for k in ema)

@@ -87,24 +87,10 @@ class _Saved:
 
 def build_model(layers: int, seed: int = 0) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """A tiny SD3 transformer (the toy's block sizes) with a rank-8 LoRA on the default targets."""
-    from diffusers import SD3Transformer2DModel
-
     from soar_lite.lora import add_lora
+    from soar_lite.toy.tiny_sd3 import tiny_sd3_transformer
 
-    torch.manual_seed(seed)
-    model = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=layers,
-        attention_head_dim=64,
-        num_attention_heads=2,
-        joint_attention_dim=64,
-        caption_projection_dim=128,
-        pooled_projection_dim=64,
-        pos_embed_max_size=32,
-    )
+    model = tiny_sd3_transformer(seed, num_layers=layers)
     model.requires_grad_(False)
     return model, add_lora(model, LoraConfig(rank=8, alpha=8.0))
 

@@ -176,6 +176,27 @@ def _transformer(seed: int) -> SD3Transformer2DModel:
     )
 
 
+def tiny_sd3_transformer(seed: int = 0, **overrides: Any) -> SD3Transformer2DModel:
+    """A small SD3 transformer for measurements and interop tests (2 layers, hidden 128, 64-wide
+    text features): the planner's coefficient checks, the step bench and the export tests each
+    override only what they vary (depth, dual attention, qk-norm, widths)."""
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=64,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        caption_projection_dim=128,
+        pooled_projection_dim=64,
+        pos_embed_max_size=32,
+    )
+    return SD3Transformer2DModel(**{**kwargs, **overrides})
+
+
 def build_tiny_components(seed: int = 0) -> dict[str, Any]:
     """The untrained components of the tiny pipeline, each from a fixed seed (same seed, same weights)."""
     tokenizer = build_tokenizer()
