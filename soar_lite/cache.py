@@ -39,6 +39,7 @@ import os
 import re
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -501,6 +502,54 @@ def _generator(*parts: Any) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+class ShardReader:
+    """Single tensors read from the store's shards on demand, keeping the most recently used
+    shards open (memory-mapped: the OS page cache, not this process, holds what is hot)."""
+
+    def __init__(self, store: Store, max_open: int = 64) -> None:
+        self.store = store
+        self.max_open = max_open
+        self.handles: OrderedDict[str, Any] = OrderedDict()
+
+    def _handle(self, key: str) -> Any:
+        shard = self.store.index.get(key)
+        if shard is None:
+            root = self.store.root
+            raise UserError(f"cache entry {key} is missing from {root}: run `soar-lite cache` again")
+        if shard in self.handles:
+            self.handles.move_to_end(shard)
+        else:
+            self.handles[shard] = safe_open(str(self.store.shards / shard), framework="pt")
+            while len(self.handles) > self.max_open:
+                self.handles.popitem(last=False)
+        return self.handles[shard]
+
+    def get(self, key: str, field: str) -> Tensor:
+        return self._handle(key).get_tensor(f"{key}.{field}")
+
+    def shape(self, key: str, field: str) -> tuple[int, ...]:
+        """A tensor's shape from the shard header, without reading the tensor."""
+        return tuple(self._handle(key).get_slice(f"{key}.{field}").get_shape())
+
+
+class DiskRows:
+    """Rows of one cached field, read when indexed: ``rows[index_tensor]`` stacks fresh tensors,
+    as indexing a stacked in-RAM tensor would, so :class:`CachedData` serves both alike."""
+
+    def __init__(self, reader: ShardReader, keys: Sequence[str], field: str) -> None:
+        self.reader, self.keys, self.field = reader, list(keys), field
+        row = reader.shape(self.keys[0], field) if self.keys else ()
+        self.shape = torch.Size((len(self.keys), *row))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int | Tensor) -> Tensor:
+        if isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0):
+            return self.reader.get(self.keys[int(index)], self.field)
+        return torch.stack([self.reader.get(self.keys[int(i)], self.field) for i in index])
+
+
 @dataclass
 class CachedData:
     """Everything training reads: latents grouped by bucket, caption embeddings (one row per distinct
@@ -511,11 +560,11 @@ class CachedData:
     dropout is drawn the same way (never baked into the cache).
     """
 
-    latents: list[Tensor]  # per bucket: (n_b, C, h, w)
+    latents: list[Tensor] | list[DiskRows]  # per bucket: (n_b, C, h, w), in RAM or read on demand
     bucket_rows: list[Tensor]  # per bucket: its dataset rows, ascending
     row_bucket: Tensor  # (N,) bucket of each row
     row_pos: Tensor  # (N,) position of each row within its bucket
-    text: dict[str, Tensor]  # distinct captions: (U, ...)
+    text: dict[str, Tensor] | dict[str, DiskRows]  # distinct captions: (U, ...)
     row_text: Tensor  # (N,) caption row of each dataset row
     empty: dict[str, Tensor]  # (1, ...)
     validation: dict[str, Tensor]  # (V, ...)
@@ -618,15 +667,23 @@ class CachedData:
         return self.latents_of(rows).to(device), cond, uncond
 
 
-def load_cache(manifest: str | Path, caption_dropout: float = 0.0) -> CachedData:
-    """Read the tensors a manifest written by :func:`prepare` names (no encoder, no model)."""
+def load_cache(manifest: str | Path, caption_dropout: float = 0.0, in_ram: str = "auto") -> CachedData:
+    """Read the tensors a manifest written by :func:`prepare` names (no encoder, no model).
+
+    ``in_ram``: ``always`` loads every latent and embedding into RAM (fastest); ``never`` reads
+    each batch's rows from the memory-mapped shards when it is drawn, so a dataset larger than RAM
+    trains too (SD3.5 keeps ~2.7 MB of text embedding per caption: 10 k captions are ~27 GB);
+    ``auto`` keeps them in RAM when they take under a quarter of the available memory. Both give
+    the same batches, bit for bit."""
     manifest = Path(manifest)
     record = json.loads(manifest.read_text(encoding="utf-8"))
     store = Store(manifest.parent.parent, readonly=True)
     items = record["items"]
-    latents = store.read([it["image"] for it in items], ("latents",))
     distinct = list(dict.fromkeys(it["text"] for it in items))
     validation_keys = [v["text"] for v in record["validation"]]
+    if in_ram == "never" or (in_ram == "auto" and _cache_bytes(store, items, distinct) > _ram_budget()):
+        return _on_disk(record, store, distinct, validation_keys, caption_dropout, manifest)
+    latents = store.read([it["image"] for it in items], ("latents",))
     texts = store.read([record["empty"], *validation_keys, *distinct], TEXT_FIELDS)
 
     def stack(keys: Sequence[str]) -> dict[str, Tensor]:
@@ -646,3 +703,69 @@ def load_cache(manifest: str | Path, caption_dropout: float = 0.0) -> CachedData
         caption_dropout=caption_dropout,
         manifest=manifest,
     )
+
+
+def _cache_bytes(store: Store, items: Sequence[dict], distinct: Sequence[str]) -> int:
+    """Bytes the cache would take in RAM, from one row of each kind (rows of a kind are alike)."""
+    if not items:
+        return 0
+    reader = ShardReader(store, max_open=2)
+
+    def nbytes(key: str, field: str) -> int:
+        handle = reader._handle(key)
+        sliced = handle.get_slice(f"{key}.{field}")
+        return math.prod(sliced.get_shape()) * _DTYPE_SIZE.get(sliced.get_dtype(), 4)
+
+    text = sum(nbytes(distinct[0], name) for name in TEXT_FIELDS)
+    return len(items) * nbytes(items[0]["image"], "latents") + len(distinct) * text
+
+
+_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+
+
+def _ram_budget() -> float:
+    """A quarter of the memory available now (MemAvailable), or unbounded where it is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 4
+    except OSError:
+        pass
+    return math.inf
+
+
+def _on_disk(
+    record: dict,
+    store: Store,
+    distinct: list[str],
+    validation_keys: list[str],
+    caption_dropout: float,
+    manifest: Path,
+) -> CachedData:
+    """A :class:`CachedData` whose latents and caption embeddings are read per batch from the shards."""
+    items = record["items"]
+    reader = ShardReader(store)
+    shapes = [reader.shape(it["image"], "latents") for it in items]
+    order = sorted(set(shapes))  # the same bucket order as CachedData.from_rows: same batches
+    row_bucket = torch.tensor([order.index(shape) for shape in shapes], dtype=torch.long)
+    bucket_rows = [torch.nonzero(row_bucket == b).flatten() for b in range(len(order))]
+    row_pos = torch.empty(len(items), dtype=torch.long)
+    for rows in bucket_rows:
+        row_pos[rows] = torch.arange(len(rows))
+    small = store.read([record["empty"], *validation_keys], TEXT_FIELDS)
+
+    def stack(keys: Sequence[str]) -> dict[str, Tensor]:
+        if not keys:
+            return {name: small[record["empty"]][name][None][:0] for name in TEXT_FIELDS}
+        return {name: torch.stack([small[k][name] for k in keys]) for name in TEXT_FIELDS}
+
+    position = {key: i for i, key in enumerate(distinct)}
+    return CachedData(
+        [DiskRows(reader, [items[int(r)]["image"] for r in rows], "latents") for rows in bucket_rows],
+        bucket_rows, row_bucket, row_pos,
+        {name: DiskRows(reader, distinct, name) for name in TEXT_FIELDS},
+        torch.tensor([position[it["text"]] for it in items], dtype=torch.long),
+        stack([record["empty"]]), stack(validation_keys),
+        [it["caption"] for it in items], [v["prompt"] for v in record["validation"]],
+        caption_dropout=caption_dropout, manifest=manifest,
+    )  # fmt: skip

@@ -74,11 +74,15 @@ class DataConfig:
     # text encoders while caching: auto | none (all on the GPU) | model (one at a time) | sequential
     # (layer by layer); auto picks by free GPU memory (SD3.5's encoders are ~11 GB in bf16)
     encoder_offload: str = "auto"
+    # latents + embeddings: always in RAM, never (read per batch from the memory-mapped cache: any
+    # dataset size), or auto (in RAM when they take under a quarter of the available memory)
+    cache_in_ram: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("data.resolution", self.resolution, allow_zero=True)
         _choice("data.format", self.format, ("auto", "folder", "imagefolder", "hf", "soar_jsonl"))
         _choice("data.encoder_offload", self.encoder_offload, ("auto", "none", "model", "sequential"))
+        _choice("data.cache_in_ram", self.cache_in_ram, ("auto", "always", "never"))
         if not self.caption_ext.startswith("."):
             raise UserError(f"data.caption_ext={self.caption_ext!r} must start with '.'")
         if not 0.0 <= self.caption_dropout <= 1.0:

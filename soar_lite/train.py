@@ -124,7 +124,7 @@ def prepare_data(
             print(result.summary() if report.skips else f"{report.summary()}\n{result.summary()}")
         manifest = str(result.manifest)
     manifest = _broadcast_str(accelerator, manifest)
-    return cache.load_cache(manifest, caption_dropout=cfg.data.caption_dropout)
+    return cache.load_cache(manifest, caption_dropout=cfg.data.caption_dropout, in_ram=cfg.data.cache_in_ram)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Any:

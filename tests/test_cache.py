@@ -407,3 +407,39 @@ def test_mixed_aspect_dataset_is_bucketed_and_cropped(tmp_path):
     loaded = cache.load_cache(result.manifest)
     assert sorted(z.shape[2:] for z in loaded.latents) == [(6, 10), (8, 8), (10, 6)]  # /2 by the fake VAE
     assert loaded.bucket_sizes == [2, 2, 2]
+
+
+def test_reading_from_disk_gives_the_same_batches_as_ram(tmp_path, monkeypatch):
+    data = fake_data(tmp_path / "data", 7, sizes=[(16, 16), (32, 12), (12, 32)])
+    result = cache_once(data, fake_model(tmp_path / "model"), tmp_path / "cache")
+    ram = cache.load_cache(result.manifest, caption_dropout=0.3, in_ram="always")
+    disk = cache.load_cache(result.manifest, caption_dropout=0.3, in_ram="never")
+    assert isinstance(disk.latents[0], cache.DiskRows) and isinstance(ram.latents[0], torch.Tensor)
+    assert len(disk) == len(ram) == 7 and disk.bucket_sizes == ram.bucket_sizes
+    assert [z.shape for z in disk.latents] == [z.shape for z in ram.latents]
+    for batch_number in range(6):
+        rows = ram.rows(batch_number, 2, seed=3)
+        assert torch.equal(rows, disk.rows(batch_number, 2, seed=3))
+        drops = ram.caption_drops(batch_number, 2, seed=3)
+        cpu = torch.device("cpu")
+        for a, b in zip(ram.batch(rows, cpu, drops), disk.batch(rows, cpu, drops), strict=True):
+            a, b = (a, b) if isinstance(a, dict) else ({"z": a}, {"z": b})
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # auto: in RAM while the cache is small next to the memory available, else from disk
+    monkeypatch.setattr(cache, "_ram_budget", lambda: 1e12)
+    assert isinstance(cache.load_cache(result.manifest).latents[0], torch.Tensor)
+    monkeypatch.setattr(cache, "_ram_budget", lambda: 100.0)
+    assert isinstance(cache.load_cache(result.manifest).latents[0], cache.DiskRows)
+
+
+def test_shard_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
+    store = cache.Store(tmp_path / "store")
+    for i in range(5):
+        store.write_shard({f"k{i}.latents": torch.full((2,), float(i))})
+    reader = cache.ShardReader(store, max_open=2)
+    for _ in range(2):
+        for i in range(5):
+            assert torch.equal(reader.get(f"k{i}", "latents"), torch.full((2,), float(i)))
+            assert len(reader.handles) <= 2
+    with pytest.raises(UserError, match="missing"):
+        reader.get("nope", "latents")

@@ -251,3 +251,13 @@ def test_validation_samples_reach_tensorboard(tiny_model_dir, tiny_data_dir, tmp
             logged += [(e.step, e.width, e.height) for e in acc.Images(tag)]
     assert [step for step, _, _ in logged] == steps_logged
     assert all((w, h) == (32, 32) for _, w, h in logged)
+
+
+def test_training_from_the_disk_cache_gives_the_same_lora_as_from_ram(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    knobs = {"steps": 3, "data.cache_dir": tmp_path / "cache", "data.caption_dropout": 0.2}
+    ram = run(tiny_model_dir, tiny_data_dir, tmp_path / "ram", **knobs, **{"data.cache_in_ram": "always"})
+    disk = run(tiny_model_dir, tiny_data_dir, tmp_path / "disk", **knobs, **{"data.cache_in_ram": "never"})
+    a, b = load_file(str(ram / LORA_FILE)), load_file(str(disk / LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
