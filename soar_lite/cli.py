@@ -46,6 +46,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
     """
     extra = [f"data.cache_dir={args.output}"] if args.output else []
     cfg = config.load_config(args.preset, _run_overrides(args) + extra)
+    if args.info or args.prune:
+        from soar_lite import cache
+        from soar_lite.paths import home_dir
+
+        root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else home_dir() / "cache"
+        before = cache.usage(root, args.older_than, prune=args.prune)
+        print(before.summary())
+        if args.prune:
+            n, shards, freed = before.stale_manifests, before.prunable_shards, before.prunable_bytes / 1e9
+            print(f"pruned {n} dataset manifests; {shards} shards rewritten or deleted (~{freed:.2f} GB)")
+        return 0
     from soar_lite.train import make_accelerator, prepare_data, resolve_model
 
     acc = make_accelerator(cfg)
@@ -345,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train", "cache"):
             _add_run_args(p)
         _add_interop_args(name, p)
+        if name == "cache":
+            p.add_argument("--info", action="store_true", help="show the cache's size and what --prune frees")
+            p.add_argument(
+                "--prune",
+                action="store_true",
+                help="delete datasets unused for --older-than days, and their tensors",
+            )
+            p.add_argument("--older-than", type=float, default=30.0, metavar="DAYS", help="for --prune (30)")
         if name == "train":
             p.add_argument("--resume", help="'latest' or a checkpoint folder of this --output")
             p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")

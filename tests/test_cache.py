@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -443,3 +444,52 @@ def test_shard_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
             assert len(reader.handles) <= 2
     with pytest.raises(UserError, match="missing"):
         reader.get("nope", "latents")
+
+
+def _age(paths, days: float) -> None:
+    old = time.time() - days * 86400
+    for path in paths:
+        os.utime(path, (old, old))
+
+
+def test_prune_drops_old_datasets_and_only_the_tensors_nobody_needs(tmp_path):
+    model = fake_model(tmp_path / "model")
+    root = tmp_path / "cache"
+    old_data = fake_data(tmp_path / "old", 4)  # captions "caption 0..3", images 00..03
+    kept_data = fake_data(tmp_path / "kept", 2)  # the same first two images and captions: shared keys
+    (kept_data / "01.txt").write_text("a caption only the kept dataset has")
+    old = cache_once(old_data, model, root).manifest
+    kept = cache_once(kept_data, model, root).manifest
+    store_root = root / cache.STORE_NAME
+    shards = sorted((store_root / "shards").glob("*.safetensors"))
+    before = sum(p.stat().st_size for p in shards)
+    _age([old, *shards], days=40)  # the old dataset unused for 40 days; the kept one was just cached
+
+    info = cache.usage(root, older_than_days=30)
+    assert (info.manifests, info.stale_manifests) == (2, 1) and info.prunable_shards > 0
+    assert sorted((store_root / "shards").glob("*.safetensors")) == shards  # --info deletes nothing
+
+    assert cache.usage(root, older_than_days=30, prune=True) == info
+    assert not old.exists()
+    after = sorted((store_root / "shards").glob("*.safetensors"))
+    assert sum(p.stat().st_size for p in after) < before
+    store = cache.Store(store_root)
+    assert set(store.index.values()) == {p.name for p in after}  # the index forgets deleted shards
+    needed = cache._referenced_keys([kept])
+    assert set(store.index) == needed  # exactly what the kept dataset needs is left
+    data = cache.load_cache(kept, in_ram="always")
+    assert len(data) == 2 and data.captions[1] == "a caption only the kept dataset has"
+    again = Counter()
+    cache_once(kept_data, model, root, counts=again)
+    assert again["loads"] == 0  # nothing the kept dataset needs was lost: no encoder loads
+    assert cache.usage(root, older_than_days=30).prunable_shards == 0
+
+
+def test_prune_keeps_fresh_tensors_of_a_cache_stage_still_running(tmp_path):
+    root = tmp_path / "cache"
+    cache_once(fake_data(tmp_path / "d", 2), fake_model(tmp_path / "model"), root)
+    for manifest in (root / cache.STORE_NAME / "manifests").glob("*.json"):
+        manifest.unlink()  # as if its manifest were not written yet
+    info = cache.usage(root, older_than_days=30, prune=True)
+    assert info.prunable_shards == 0 and info.shards > 0
+    assert len(list((root / cache.STORE_NAME / "shards").glob("*.safetensors"))) == info.shards

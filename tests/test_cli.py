@@ -85,3 +85,10 @@ def test_plan_for_a_custom_budget_says_what_to_change(capsys):
     assert "does NOT fit a 12 GB card" in out
     assert "encoder_offload=auto -> model" in out
     assert re.search(r"fits 12 GB with: .*quant=int8.*\(estimate [\d.]+ GiB\)", out)
+
+
+def test_cache_info_and_prune_print_one_summary(tmp_path, capsys):
+    assert main(["cache", "--info", "--output", str(tmp_path / "empty-cache")]) == 0
+    assert capsys.readouterr().out.startswith("cache: 0 shards, 0.00 GB; 0 dataset manifests")
+    assert main(["cache", "--prune", "--older-than", "0", "--output", str(tmp_path / "empty-cache")]) == 0
+    assert "pruned 0 dataset manifests; 0 shards" in capsys.readouterr().out
