@@ -27,7 +27,14 @@ def _default_output(args: argparse.Namespace) -> Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate everything first (cheap), then train; prints where the LoRA file is."""
-    cfg = config.load_config(args.preset, _run_overrides(args))
+    preset, overrides = args.preset, _run_overrides(args)
+    if preset == "auto" or args.vram is not None:
+        from soar_lite.plan import fit
+
+        preset, overrides, notes = fit(preset, overrides, args.vram)
+        if os.environ.get("RANK", "0") == "0":
+            print("\n".join(notes))
+    cfg = config.load_config(preset, overrides)
     output = _default_output(args)
     from soar_lite.train import train
 
@@ -326,7 +333,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="cpu-tiny", help="preset name (soar-lite presets) or a .yaml path")
+    p.add_argument(
+        "--preset", default="cpu-tiny", help="a preset (soar-lite presets), .yaml or run folder; train: auto"
+    )
     p.add_argument("--model", help="diffusers SD3/SD3.5 folder or hub id (default: built-in tiny base)")
     p.add_argument("--data", help="folder of images with same-name .txt captions (default: built-in shapes)")
     p.add_argument("--output", help="run folder (default: runs/<timestamp>)")
@@ -367,6 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", help="'latest' or a checkpoint folder of this --output")
             p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --output")
+            p.add_argument(
+                "--vram",
+                type=float,
+                help="GPU GB to fit (apply the planner's changes if needed); with --preset auto",
+            )
         if name == "presets":
             p.add_argument("name", nargs="?", help="show this preset resolved")
             p.add_argument("overrides", nargs="*", metavar="key=value")

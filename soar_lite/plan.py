@@ -304,3 +304,51 @@ def _knob(cfg: TrainConfig, key: str) -> Any:
         "batch_size": cfg.batch_size,
         "rank": cfg.lora.rank,
     }[key]
+
+
+def detected_vram_gb() -> float:
+    """The first CUDA GPU's memory in GB as cards are sold (a "12 GB" card reports ~11.7-12 GiB)."""
+    if not torch.cuda.is_available():
+        raise UserError(
+            "--preset auto picks by the GPU's memory and no CUDA GPU is visible: use --preset cpu-tiny, "
+            "or --vram GB to plan for another machine"
+        )
+    return float(round(torch.cuda.get_device_properties(0).total_memory / GIB))
+
+
+def fit(preset: str, overrides: list[str], vram_gb: float | None) -> tuple[str, list[str], list[str]]:
+    """``--preset auto`` and ``--vram``: the preset for this card (the largest tier not above it)
+    and, if the planner says the run would not fit, the first :data:`FIT_STEPS` changes that do.
+
+    Returns (preset, overrides, lines to print). A model the planner cannot read offline (a hub id
+    it does not know) is trained as configured, with a note saying so.
+    """
+    from soar_lite.config import load_config, preset_names
+
+    vram = detected_vram_gb() if vram_gb is None else vram_gb
+    notes: list[str] = []
+    if preset == "auto":
+        tiers = sorted((tier_of(name), name) for name in preset_names() if tier_of(name) is not None)
+        below = [name for tier, name in tiers if tier <= vram]
+        preset = below[-1] if below else tiers[0][1]
+        notes.append(f"--preset auto: a {vram:g} GB GPU -> preset {preset}")
+    cfg = load_config(preset, overrides)
+    try:
+        result = plan(cfg, cfg.model.path, vram)
+    except UserError:
+        notes.append(f"planner: no offline config for {cfg.model.path}: training as configured")
+        return preset, overrides, notes
+    if result.fits:
+        notes.append(f"planner: ~{result.total:.1f} GiB peak: fits {vram:g} GB")
+        return preset, overrides, notes
+    found = suggest(preset, overrides, cfg.model.path, vram)
+    if found is None:
+        raise UserError(
+            f"{cfg.model.path} with preset {preset} does not fit {vram:g} GB even with every change the "
+            f"planner knows (see `soar-lite plan --preset {preset} --vram {vram:g}`)"
+        )
+    changes, fitted = found
+    notes.append(
+        f"planner: would not fit {vram:g} GB as set; using {' '.join(changes)} (~{fitted.total:.1f} GiB)"
+    )
+    return preset, [*overrides, *changes], notes

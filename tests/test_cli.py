@@ -92,3 +92,28 @@ def test_cache_info_and_prune_print_one_summary(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("cache: 0 shards, 0.00 GB; 0 dataset manifests")
     assert main(["cache", "--prune", "--older-than", "0", "--output", str(tmp_path / "empty-cache")]) == 0
     assert "pruned 0 dataset manifests; 0 shards" in capsys.readouterr().out
+
+
+def test_train_fits_a_given_vram_before_any_work(capsys, tmp_path, monkeypatch):
+    import soar_lite.train as train_module
+
+    seen = {}
+    monkeypatch.setattr(
+        train_module, "train", lambda cfg, output, **kw: seen.setdefault("cfg", cfg) and output
+    )
+    args = [
+        "train",
+        "--preset",
+        "16gb",
+        "--model",
+        "sd3.5-large",
+        "--vram",
+        "16",
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    assert main(args) == 0
+    assert "using quant=int8" in capsys.readouterr().out and seen["cfg"].model.quant == "int8"
+    if not __import__("torch").cuda.is_available():
+        assert main(["train", "--preset", "auto"]) == 2
+        assert "no CUDA GPU is visible" in capsys.readouterr().err

@@ -124,3 +124,33 @@ def test_suggest_finds_the_cheapest_changes_that_fit():
     assert fitted.fits and fitted.total <= 6 * 0.95
     assert "quant=nf4" in changes and "resolution=512" in changes
     assert suggest("48gb", [], "sd3.5-large", 2) is None
+
+
+def test_auto_preset_takes_the_largest_tier_not_above_the_card():
+    from soar_lite.plan import fit
+
+    assert fit("auto", [], 10)[:2] == ("8gb", [])
+    assert fit("auto", [], 24)[:2] == ("24gb", [])
+    preset, overrides, notes = fit("auto", [], 100)
+    assert (preset, overrides) == ("48gb", []) and notes[0] == "--preset auto: a 100 GB GPU -> preset 48gb"
+
+
+def test_vram_applies_the_planners_changes_only_when_needed():
+    from soar_lite.plan import fit
+
+    preset, overrides, notes = fit("16gb", ["model.path=sd3.5-large"], 16)
+    assert overrides == ["model.path=sd3.5-large", "quant=int8"] and "would not fit 16 GB" in notes[-1]
+    assert plan(config.load_config(preset, overrides), "sd3.5-large", 16).fits
+    assert fit("16gb", [], 16)[1] == []  # Medium bf16 fits as set
+    assert "no offline config" in fit("16gb", ["model.path=someone/else"], 16)[2][-1]
+    with pytest.raises(UserError, match="does not fit 2 GB"):
+        fit("48gb", [], 2)
+
+
+def test_auto_without_a_gpu_is_a_clear_error():
+    from soar_lite.plan import fit
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU is visible: use --preset cpu-tiny"):
+        fit("auto", [], None)
