@@ -72,6 +72,23 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    """Write a caption .txt next to each image of a folder that has none (any image-to-text model)."""
+    from soar_lite.caption import DEFAULT_MODEL, caption_folder
+
+    report = caption_folder(
+        args.data,
+        args.model or DEFAULT_MODEL,
+        overwrite=args.overwrite,
+        prompt=args.prompt,
+        prefix=args.prefix,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    print(report.summary())
+    return 0
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     """List presets with their headers, show one as resolved settings, or list every settable key."""
     if args.keys:
@@ -349,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "train": (cmd_train, "train a LoRA with SOAR (or SFT, or both arms)"),
         "cache": (cmd_cache, "encode a dataset once (latents + text embeddings)"),
+        "caption": (cmd_caption, "write captions for images that have none (BLIP, Florence-2, ...)"),
         "presets": (cmd_presets, "list presets, show one, or list every key"),
         "plan": (cmd_plan, "estimate peak GPU memory of a preset on a model (no weights needed)"),
         "bench": (cmd_bench, "run a benchmark (step | cache | quality) and write its JSON"),
@@ -381,6 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
                 type=float,
                 help="GPU GB to fit (apply the planner's changes if needed); with --preset auto",
             )
+        if name == "caption":
+            p.add_argument("--data", required=True, help="folder of images (captions go to same-name .txt)")
+            p.add_argument("--model", help="image-to-text model: hub id or folder (default: BLIP-large)")
+            p.add_argument("--overwrite", action="store_true", help="re-caption images that have a caption")
+            p.add_argument(
+                "--prompt", help='text to continue, e.g. "a photo of" (Florence-2: its task token)'
+            )
+            p.add_argument("--prefix", default="", help='put in front of every caption, e.g. "ohwx, "')
+            p.add_argument("--batch-size", type=int, default=8)
+            p.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "presets":
             p.add_argument("name", nargs="?", help="show this preset resolved")
             p.add_argument("overrides", nargs="*", metavar="key=value")
