@@ -25,18 +25,30 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def add_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Parameter]:
-    """Attach a fresh adapter to the frozen ``transformer``; return its (fp32) trainable parameters."""
+    """Attach a fresh adapter to the frozen ``transformer``; return its (fp32) trainable parameters.
+
+    The text-query projection of a block whose text stream ends there (SD3's last block:
+    ``context_pre_only``) is left out: its output is discarded, so an adapter on it would never
+    get a gradient, only take optimizer state and file space."""
+    dead = [
+        f"{name}.add_q_proj"
+        for name, module in transformer.named_modules()
+        if getattr(module, "context_pre_only", False) and hasattr(module, "add_q_proj")
+    ]
     peft_cfg = PeftLoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         init_lora_weights="gaussian",
         target_modules=list(cfg.targets),
+        exclude_modules=dead or None,
     )
     try:
         transformer.add_adapter(peft_cfg)
     except ValueError as exc:
-        if "not found in the base model" in str(exc) or "Target modules" in str(exc):
+        if any(
+            text in str(exc) for text in ("not found in the base model", "Target modules", "No modules were")
+        ):
             raise UserError(f"lora.targets {cfg.targets} match no module of this model: {exc}") from None
         raise
     params = [p for p in transformer.parameters() if p.requires_grad]

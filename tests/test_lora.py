@@ -66,3 +66,31 @@ def test_targets_matching_nothing_are_a_clear_error(tiny_model_dir):
     transformer = load_tiny_pipeline(tiny_model_dir).transformer
     with pytest.raises(UserError, match="match no module"):
         add_lora(transformer, LoraConfig(rank=2, alpha=2, targets=["not_a_layer"]))
+
+
+def test_every_adapter_gets_a_gradient_none_is_dead_weight():
+    """SD3's last block discards its text stream: no adapter on its text-query projection."""
+    from soar_lite.config import LoraConfig
+    from soar_lite.lora import add_lora
+    from soar_lite.toy.tiny_sd3 import tiny_sd3_transformer
+
+    model = tiny_sd3_transformer(0, num_layers=3)
+    model.requires_grad_(False)
+    add_lora(model, LoraConfig(rank=4, alpha=4.0))
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("transformer_blocks.2.attn.add_q_proj") for n in trained)
+    assert any(n.startswith("transformer_blocks.2.attn.add_k_proj") for n in trained)  # image queries use it
+    assert any(n.startswith("transformer_blocks.1.attn.add_q_proj") for n in trained)
+    with torch.no_grad():
+        for n, p in trained.items():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # B = 0 at init would zero every A gradient
+    out = model(
+        hidden_states=torch.randn(1, 16, 16, 16),
+        timestep=torch.tensor([500.0]),
+        encoder_hidden_states=torch.randn(1, 5, 64),
+        pooled_projections=torch.randn(1, 64),
+        return_dict=False,
+    )[0]
+    out.square().mean().backward()
+    assert [n for n, p in trained.items() if p.grad is None or not p.grad.abs().sum()] == []
