@@ -22,6 +22,7 @@ from PIL import Image
 
 from app.charts import loss_chart
 from soar_lite import app_runs, config, uploads
+from soar_lite.caption import DEFAULT_MODEL, caption_folder
 from soar_lite.config import BUILTIN
 from soar_lite.errors import UserError
 
@@ -122,6 +123,16 @@ def save_captions(folder: str, table: pd.DataFrame) -> tuple:
     return f"Saved {count} captions.\n\n{text}", gallery, new_table
 
 
+@_ui
+def caption_missing(folder: str, model: str) -> tuple:
+    """Auto-caption the images of the dataset in use that have no caption, then re-check it."""
+    if not folder:
+        raise UserError("import or choose a dataset first")
+    report = caption_folder(folder, (model or DEFAULT_MODEL).strip(), progress=False)
+    text, gallery, table, _ = show_dataset(folder)
+    return f"{report.summary()}\n\n{text}", gallery, table
+
+
 def dataset_tab(runs_dir: Path, limits: uploads.UploadLimits, widgets: Widgets) -> None:
     """Upload or point at a dataset; see the data stage's verdict; edit captions."""
     gr.Markdown(
@@ -150,10 +161,14 @@ def dataset_tab(runs_dir: Path, limits: uploads.UploadLimits, widgets: Widgets) 
         headers=["image", "caption"], label="Captions (edit, then save)", interactive=True, wrap=True
     )
     save_btn = gr.Button("Save captions")
+    with gr.Row():
+        caption_model = gr.Textbox(DEFAULT_MODEL, label="Captioning model (hub id or folder)", scale=3)
+        caption_btn = gr.Button("Caption images that have none", scale=1)
     outputs = [report, gallery, table, folder, widgets.data_path]
     upload_btn.click(functools.partial(import_upload, runs_dir=runs_dir, limits=limits), [files], outputs)
     folder_btn.click(use_server_folder, [server_path], outputs)
     save_btn.click(save_captions, [folder, table], [report, gallery, table])
+    caption_btn.click(caption_missing, [folder, caption_model], [report, gallery, table])
 
 
 # ---------------------------------------------------------------- train tab

@@ -90,9 +90,16 @@ def caption_folder(
 
     ``prompt``: text the model continues (BLIP: e.g. "a photo of"), None = the model's default;
     ``prefix``: put in front of every written caption (a trigger word, say)."""
+    from soar_lite.data.sources import detect_format
+
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"caption: {root} is not a folder of images")
+    if detect_format(root) != "folder":
+        raise UserError(
+            f"caption: {root} keeps its captions in a table ({detect_format(root)} format); auto-captioning "
+            "writes same-name .txt files, so it takes a plain folder of images"
+        )
     records = list_records(root, "folder", {"caption_ext": caption_ext}).records
     todo = [r for r in records if overwrite or not (r.caption or "").strip()]
     report = CaptionReport(kept=len(records) - len(todo))

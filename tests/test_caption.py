@@ -113,3 +113,19 @@ def test_cli_captions_and_a_missing_model_is_one_line(tiny_blip, tmp_path, capsy
 def test_florence_models_get_their_task_token():
     assert caption.default_prompt("florence-community/Florence-2-base") == "<MORE_DETAILED_CAPTION>"
     assert caption.default_prompt("Salesforce/blip-image-captioning-large") == ""
+
+
+def test_the_app_captions_the_dataset_in_use(tiny_blip, tmp_path):
+    from app.main import caption_missing
+
+    data = _images(tmp_path / "data")
+    (data / "broken.jpg").unlink()
+    text, gallery, table = caption_missing(str(data), str(tiny_blip))
+    assert text.startswith("caption: wrote 2, kept 1 existing") and len(gallery) == 3
+    assert all(str(c).strip() for c in table["caption"])
+
+
+def test_a_table_dataset_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "x"}\n')
+    with pytest.raises(caption.UserError, match="plain folder of images"):
+        caption.caption_folder(tmp_path, "unused", progress=False)
