@@ -371,11 +371,24 @@ def show_run(run: str | None, runs_dir: Path) -> tuple:
     return app_runs.run_details(folder), samples, chart, log
 
 
-def runs_tab(runs_dir: Path, picker: gr.Dropdown, tab: gr.Tab) -> gr.Dataframe:
-    """Every run in the runs dir (read from disk: an app restart loses nothing), one in detail."""
+@_ui
+def resume(picked: str | None, runs_dir: Path) -> tuple:
+    """Continue the picked run from its latest checkpoint; the Train tab's live view follows it."""
+    folder = app_runs.resolve_run(runs_dir, picked or "")
+    message = app_runs.resume_training(folder)
+    return message, folder.name, gr.Timer(active=True), runs_table(runs_dir)
+
+
+def runs_tab(
+    runs_dir: Path, picker: gr.Dropdown, tab: gr.Tab, live_run: gr.State, timer: gr.Timer
+) -> gr.Dataframe:
+    """Every run in the runs dir (read from disk: an app restart loses nothing), one in detail;
+    a stopped or failed run resumes from its latest checkpoint."""
     with gr.Row():
         picker.render()
         again = gr.Button("Refresh list", scale=1)
+        resume_btn = gr.Button("Resume", scale=1, elem_id="runs-resume")
+    resume_status = gr.Markdown(elem_id="runs-resume-status")
     table = gr.Dataframe(
         runs_table(runs_dir), label=f"Runs in {runs_dir}", interactive=False, elem_id="runs-table"
     )
@@ -390,6 +403,9 @@ def runs_tab(runs_dir: Path, picker: gr.Dropdown, tab: gr.Tab) -> gr.Dataframe:
         lambda p: (gr.Dropdown(choices=run_names(runs_dir), value=p), runs_table(runs_dir)),
         [picker],
         [picker, table],
+    )
+    resume_btn.click(
+        functools.partial(resume, runs_dir=runs_dir), [picker], [resume_status, live_run, timer, table]
     )
     return table
 
@@ -444,6 +460,6 @@ def build_app(runs_dir: str | Path = "runs", limits: uploads.UploadLimits | None
                 _picker(export_picker, runs_dir)
                 export_tab(runs_dir, export_picker)
             with gr.Tab("Runs") as tab:
-                table = runs_tab(runs_dir, runs_picker, tab)
+                table = runs_tab(runs_dir, runs_picker, tab, run, timer)
         demo.load(functools.partial(on_load, runs_dir), None, [*widgets.run_pickers, table, run, timer])
     return demo

@@ -183,6 +183,12 @@ def start_training(runs_dir: Path, request: TrainRequest) -> Path:
         "exit_code": None,
     }
     _write_app_record(folder, record)
+    _launch(folder, argv)
+    return folder
+
+
+def _launch(folder: Path, argv: list[str]) -> None:
+    """Start the training process of ``folder`` (output appended to its log) and record its pid."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with (folder / LOG_FILE).open("ab") as log:
         proc = subprocess.Popen(  # an argument list: no shell ever sees the user's strings
@@ -195,7 +201,37 @@ def start_training(runs_dir: Path, request: TrainRequest) -> Path:
         )
     _PROCS[folder] = proc
     _update_app_record(folder, pid=proc.pid)
-    return folder
+
+
+def resume_training(folder: Path) -> str:
+    """Continue a stopped or failed run from its latest checkpoint, with the settings it started
+    with (a finished arm of an ``objective=both`` run is kept, an arm not started yet starts)."""
+    from soar_lite.checkpoint import checkpoints
+
+    folder = Path(folder)
+    if is_alive(folder):
+        raise UserError(f"{folder.name} is still running")
+    if run_state(folder) == "done":
+        raise UserError(f"{folder.name} is complete: nothing to resume")
+    record = read_json(folder / APP_RECORD) or {}
+    argv = list(record.get("argv") or [])
+    if not argv:
+        raise UserError(
+            f"{folder.name} was not started from the app: "
+            f"run `soar-lite train --preset {folder} --output {folder} --resume latest`"
+        )
+    saved = [folder, *(folder / arm for arm in ARMS)]
+    if not any(checkpoints(path / "checkpoints") for path in saved):
+        raise UserError(f"{folder.name} stopped before its first checkpoint: start it again")
+    if "--resume" not in argv:
+        argv += ["--resume", "latest"]
+    _update_app_record(
+        folder, stop_requested=False, exit_code=None, resumed=int(record.get("resumed", 0)) + 1
+    )
+    with (folder / LOG_FILE).open("a", encoding="utf-8") as log:
+        log.write(f"\n--- resumed from the latest checkpoint: {display_command(argv)}\n")
+    _launch(folder, argv)
+    return f"resuming {folder.name} from its latest checkpoint"
 
 
 def _poll(folder: Path) -> bool | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
 from soar_lite import cache, checkpoint, lora
@@ -73,6 +74,16 @@ def resolve_model(path: str) -> str:
 def resolve_resolution(cfg: TrainConfig, model_path: str) -> int:
     """The preset's resolution, else the model folder's own (the tiny default's 32), else 512."""
     return cfg.data.resolution or int(model_settings(model_path).get("resolution", 512))
+
+
+def finished(output: Path, cfg: TrainConfig) -> bool:
+    """A run in ``output`` that completed ``cfg.steps`` steps and wrote its LoRA file."""
+    try:
+        record = json.loads((output / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    done = record.get("status") == "done" and record.get("steps_done", 0) >= cfg.steps
+    return done and (output / lora.LORA_FILE).is_file()
 
 
 def prepare_output(output: Path, resume: str | None, overwrite: bool) -> None:
@@ -287,6 +298,25 @@ def validate(run: Run, cfg: TrainConfig, output: Path, step: int, resolution: in
     return paths
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop logged rows past ``step``: a run resumed from an older checkpoint (after a hard kill)
+    logs those steps again, and a chart must not show them twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
 class Logger:
     """metrics.jsonl (read by the app) + TensorBoard, main process only."""
 
@@ -355,13 +385,19 @@ def train(
     output = Path(output)
     if cfg.objective == "both":
         for arm in ("sft", "soar"):
-            train(cfg.arm(arm), output / arm, resume=resume, overwrite=overwrite, progress=progress)
-        from accelerate import PartialState
-
+            arm_out = output / arm
+            started = (arm_out / RUN_RECORD).exists() or (arm_out / "checkpoints").exists()
+            # resuming a run stopped during the SFT arm: the SOAR arm has not started, it starts now
+            arm_resume = resume if started else None
+            train(cfg.arm(arm), arm_out, resume=arm_resume, overwrite=overwrite, progress=progress)
         if PartialState().is_main_process:  # base / SFT / SOAR side by side in OUTPUT/compare
             from soar_lite.sample import compare_arms
 
             compare_arms(cfg, output)
+        return output
+    if resume and finished(output, cfg):
+        if progress and PartialState().is_main_process:
+            print(f"{output}: already complete ({cfg.steps} steps), nothing to resume")
         return output
     acc = make_accelerator(cfg)
     if acc.is_main_process:
@@ -380,6 +416,8 @@ def train(
             found, acc.unwrap_model(run.model), run.optimizer, run.scheduler, run.generator, run.ema
         )
     resolution = resolve_resolution(cfg, model_path)
+    if resume and acc.is_main_process:
+        trim_metrics(output / METRICS, state.step)
     logger = Logger(output, acc.is_main_process)
     _write_record(output, cfg, model_path, state, "running", acc)
     bar = tqdm(
@@ -406,7 +444,8 @@ def train(
                 loss=f"{metrics['loss']:.4f}", aux=f"{metrics['loss_aux']:.3f}", lr=f"{metrics['lr']:.2e}"
             )
             bar.update(1)
-            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+            # the last step too: `--resume latest steps=MORE` then extends a finished run
+            if cfg.checkpoint_every and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
                 _save_checkpoint(run, cfg, output, state)
             if cfg.validation.every and state.step % cfg.validation.every == 0 and acc.is_main_process:
                 logger.images(state.step, validate(run, cfg, output, state.step, resolution))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -235,3 +236,53 @@ def test_stop_saves_a_checkpoint_like_ctrl_c(tmp_path, tiny_model_dir, tiny_data
     assert "interrupted at step" in app_runs.log_tail(folder)
     assert any((folder / "checkpoints").iterdir())
     assert "not running" in app_runs.stop_training(folder)
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir):
+    extra = ["batch_size=4", "validation.num_prompts=0", "checkpoint_every=0"]
+    request = TrainRequest(
+        model=str(tiny_model_dir),
+        data=str(tiny_data_dir),
+        steps=500,
+        rank=4,
+        trajectory_length=2,
+        extra=extra,
+    )
+    folder = app_runs.start_training(tmp_path / "runs", request)
+    with pytest.raises(UserError, match="still running"):
+        app_runs.resume_training(folder)
+    _wait(lambda: bool(app_runs.read_metrics(folder / METRICS)), 180)
+    app_runs.stop_training(folder)
+    _wait(lambda: not app_runs.is_alive(folder), 120)
+    stopped_at = int(re.search(r"interrupted at step (\d+)", app_runs.log_tail(folder)).group(1))
+
+    assert "resuming" in app_runs.resume_training(folder)
+    assert app_runs.run_state(folder) == "running"
+    _wait(lambda: app_runs.read_metrics(folder / METRICS)[-1]["step"] > stopped_at + 1, 180)
+    app_runs.stop_training(folder)
+    _wait(lambda: not app_runs.is_alive(folder), 120)
+    steps = [int(row["step"]) for row in app_runs.read_metrics(folder / METRICS)]
+    assert steps == list(range(1, steps[-1] + 1))  # continued where it stopped: no step twice, none lost
+    assert "--- resumed from the latest checkpoint" in (folder / "train.log").read_text()
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path):
+    runs = tmp_path / "runs"
+    cli_run = runs / "from-the-cli"
+    cli_run.mkdir(parents=True)
+    (cli_run / RUN_RECORD).write_text(json.dumps({"status": "running"}))
+    with pytest.raises(UserError, match="not started from the app: run `soar-lite train --preset"):
+        app_runs.resume_training(cli_run)
+    done = runs / "done"
+    done.mkdir()
+    (done / RUN_RECORD).write_text(json.dumps({"status": "done"}))
+    with pytest.raises(UserError, match="complete: nothing to resume"):
+        app_runs.resume_training(done)
+    early = runs / "early"
+    early.mkdir()
+    (early / APP_RECORD).write_text(
+        json.dumps({"argv": ["python", "-m", "soar_lite.cli", "train"], "pid": None})
+    )
+    with pytest.raises(UserError, match="before its first checkpoint"):
+        app_runs.resume_training(early)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_checkpoints_are_pruned_to_keep_last_k(tiny_model_dir, tiny_data_dir, tm
         objective="sft",
     )
     names = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
-    assert names == ["step-000003", "step-000004"]
+    assert names == ["step-000004", "step-000005"]  # the last step is kept too (to extend the run)
 
 
 def test_earlier_run_is_never_overwritten_silently(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -261,3 +262,63 @@ def test_training_from_the_disk_cache_gives_the_same_lora_as_from_ram(
     disk = run(tiny_model_dir, tiny_data_dir, tmp_path / "disk", **knobs, **{"data.cache_in_ram": "never"})
     a, b = load_file(str(ram / LORA_FILE)), load_file(str(disk / LORA_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _interrupt(monkeypatch, objective: str, at: int) -> None:
+    real = train.train_step
+
+    def step(run_, cfg, state):
+        if cfg.objective == objective and state.step == at:
+            raise KeyboardInterrupt
+        return real(run_, cfg, state)
+
+    monkeypatch.setattr(train, "train_step", step)
+
+
+@pytest.mark.parametrize("stopped_in", ["sft", "soar"])
+def test_both_arms_resume_whichever_arm_was_stopped(
+    tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, stopped_in
+):
+    knobs = {"steps": 3, "objective": "both", "data.cache_dir": tmp_path / "cache"}
+    straight = run(tiny_model_dir, tiny_data_dir, tmp_path / "a", **knobs)
+    _interrupt(monkeypatch, stopped_in, at=2)
+    with pytest.raises(UserError, match="interrupted at step 2"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "b", **knobs)
+    monkeypatch.undo()
+    resumed = run(tiny_model_dir, tiny_data_dir, tmp_path / "b", resume="latest", **knobs)
+    for arm in ("sft", "soar"):
+        a, b = load_file(str(straight / arm / LORA_FILE)), load_file(str(resumed / arm / LORA_FILE))
+        assert all(torch.equal(a[k], b[k]) for k in a), arm
+
+
+def test_a_finished_run_resumes_to_nothing_or_extends_to_more_steps(
+    tiny_model_dir, tiny_data_dir, tmp_path, capsys
+):
+    knobs = {"checkpoint_every": 2, "data.cache_dir": tmp_path / "cache"}
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "r", steps=3, **knobs)
+    before = (out / LORA_FILE).stat().st_mtime_ns
+    train.train(
+        config.load_config(str(out)), out, resume="latest", progress=True
+    )  # the same settings: nothing to do
+    assert "already complete (3 steps), nothing to resume" in capsys.readouterr().out
+    assert (out / LORA_FILE).stat().st_mtime_ns == before
+    extended = run(tiny_model_dir, tiny_data_dir, tmp_path / "r", resume="latest", steps=5, **knobs)
+    straight = run(tiny_model_dir, tiny_data_dir, tmp_path / "s", steps=5, **knobs)
+    a, b = load_file(str(extended / LORA_FILE)), load_file(str(straight / LORA_FILE))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((extended / train.RUN_RECORD).read_text())["steps_done"] == 5
+
+
+def test_resuming_after_a_hard_kill_logs_each_step_once(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "r", steps=4, checkpoint_every=2)
+    metrics = out / train.METRICS
+    rows = metrics.read_text().splitlines()
+    # as if killed hard after step 3 (no Ctrl-C checkpoint): the record says running, step 4 never
+    # finished, and the kill cut the last metrics line short
+    metrics.write_text("\n".join(rows[:3]) + '\n{"step": 4, "lo')
+    shutil.rmtree(out / "checkpoints" / "step-000004")
+    record = json.loads((out / train.RUN_RECORD).read_text())
+    (out / train.RUN_RECORD).write_text(json.dumps({**record, "status": "running", "steps_done": 3}))
+    (out / LORA_FILE).unlink()
+    run(tiny_model_dir, tiny_data_dir, out, resume="latest", steps=4, checkpoint_every=2)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
