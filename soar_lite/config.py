@@ -100,6 +100,7 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 16.0
     dropout: float = 0.0  # > 0 makes the main-pass reuse inexact: see soar.reuse_main_pass
+    use_dora: bool = False  # DoRA (weight-decomposed): loads in diffusers; no exact kohya/ComfyUI form
     targets: list[str] = field(
         default_factory=lambda: [
             "to_q",

@@ -209,6 +209,15 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     state = read_any_lora(lora)
+    if any(".lora_magnitude_vector" in key for key in state):
+        if fmt != "diffusers":
+            raise UserError(
+                "this is a DoRA LoRA: kohya tools and ComfyUI normalise DoRA weights differently from "
+                "peft/diffusers, so no exact conversion exists; load it in diffusers, or fuse it into the "
+                "base with `soar-lite merge`"
+            )
+        if strength != 1.0:
+            raise UserError("a DoRA LoRA's strength is not a weight scale: set it at load time")
     if fmt == "kohya":
         tensors = to_kohya(state, strength)
     else:

@@ -40,6 +40,7 @@ def add_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Par
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         init_lora_weights="gaussian",
+        use_dora=cfg.use_dora,
         target_modules=list(cfg.targets),
         exclude_modules=dead or None,
     )

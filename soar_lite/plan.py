@@ -46,6 +46,7 @@ ALIASES = {
 GIB = 2**30
 TOKEN_COEF_JOINT = 14.33  # saved values per token per hidden unit, one joint block, no checkpointing
 TOKEN_COEF_DUAL_IMAGE = 7.3  # extra per image token in a dual-attention (attn2) block
+DORA_FACTOR = 1.65  # a DoRA block keeps this many times a LoRA block's values (default targets)
 CONST_COEF = 16  # per-sample, per-block values independent of tokens, in hidden-unit multiples
 ACTIVATION_MARGIN = 1.2
 CUDA_CONTEXT_GB = 0.6
@@ -212,15 +213,18 @@ def _count(config: dict[str, Any], targets: list[str], rank: int) -> tuple[int, 
 
 
 def activation_values(
-    config: dict[str, Any], resolution: int, text_tokens: int, checkpointing: bool
+    config: dict[str, Any], resolution: int, text_tokens: int, checkpointing: bool, dora: bool = False
 ) -> float:
-    """Values (per sample) kept for backward by the transformer at ``resolution`` (see module doc)."""
+    """Values (per sample) kept for backward by the transformer at ``resolution`` (see module doc).
+    DoRA keeps the base and adapter outputs of every adapted linear apart: its blocks hold
+    ``DORA_FACTOR`` times as much (measured like the other coefficients; re-checked by the tests)."""
     image_tokens = (resolution // 8 // config["patch_size"]) ** 2
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     layers, dual = config["num_layers"], len(config.get("dual_attention_layers") or ())
     tokens = image_tokens + text_tokens
-    full_block = (TOKEN_COEF_JOINT * tokens + CONST_COEF) * hidden
-    dual_extra = TOKEN_COEF_DUAL_IMAGE * image_tokens * hidden
+    factor = DORA_FACTOR if dora else 1.0
+    full_block = (TOKEN_COEF_JOINT * tokens + CONST_COEF) * hidden * factor
+    dual_extra = TOKEN_COEF_DUAL_IMAGE * image_tokens * hidden * factor
     if checkpointing:
         return layers * tokens * hidden + full_block + dual_extra
     return layers * full_block + dual * dual_extra
@@ -237,12 +241,17 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     text_tokens = 77 + seq if config.get("joint_attention_dim", 4096) >= 4096 else 10 + seq
     resolution = cfg.data.resolution or 1024
     act_elem = 2 if cfg.mixed_precision in ("bf16", "fp16") or cfg.model.dtype != "float32" else 4
-    acts = activation_values(config, resolution, text_tokens, cfg.model.gradient_checkpointing)
+    acts = activation_values(
+        config, resolution, text_tokens, cfg.model.gradient_checkpointing, cfg.lora.use_dora
+    )
     latents = cfg.batch_size * 16 * (resolution // 8) ** 2 * 4
+    adapter = "DoRA" if cfg.lora.use_dora else "LoRA"
     parts = {
         f"base weights ({cfg.model.quant}, {cfg.model.dtype})": (linear * per_linear + other * base_bytes)
         / GIB,
-        f"LoRA r{cfg.lora.rank} + grads + {cfg.optim.optimizer} states": lora * (4 + 4 + optim_bytes) / GIB,
+        f"{adapter} r{cfg.lora.rank} + grads + {cfg.optim.optimizer} states": lora
+        * (4 + 4 + optim_bytes)
+        / GIB,
         f"activations (batch {cfg.batch_size}, {resolution}px, ckpt "
         f"{'on' if cfg.model.gradient_checkpointing else 'off'})": cfg.batch_size
         * acts

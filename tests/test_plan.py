@@ -21,7 +21,9 @@ from soar_lite.plan import (
 )
 
 
-def _measured_saved_bytes(dual: bool, image_side: int, text_tokens: int) -> tuple[int, dict]:
+def _measured_saved_bytes(
+    dual: bool, image_side: int, text_tokens: int, dora: bool = False
+) -> tuple[int, dict]:
     from soar_lite.bench.step import SavedTensorMeter
     from soar_lite.config import LoraConfig
     from soar_lite.lora import add_lora
@@ -36,7 +38,7 @@ def _measured_saved_bytes(dual: bool, image_side: int, text_tokens: int) -> tupl
         dual_attention_layers=(0, 1) if dual else (),
     )
     model.requires_grad_(False)
-    add_lora(model, LoraConfig(rank=8, alpha=8.0))
+    add_lora(model, LoraConfig(rank=8, alpha=8.0, use_dora=dora))
     meter = SavedTensorMeter(model.parameters())
     with meter.hooks():
         out = model(
@@ -55,6 +57,15 @@ def test_activation_coefficients_match_a_fresh_measurement(dual, side, text):
     """The planner's per-token coefficients predict saved-activation bytes of unseen shapes within 15 %."""
     measured, kwargs = _measured_saved_bytes(dual, side, text)
     predicted = activation_values(kwargs, resolution=side * 8, text_tokens=text, checkpointing=False) * 4
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
+
+
+@pytest.mark.parametrize(("dual", "side", "text"), [(False, 16, 16), (True, 32, 48)])
+def test_dora_factor_matches_a_fresh_measurement(dual, side, text):
+    measured, kwargs = _measured_saved_bytes(dual, side, text, dora=True)
+    predicted = (
+        activation_values(kwargs, resolution=side * 8, text_tokens=text, checkpointing=False, dora=True) * 4
+    )
     assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
 
 

@@ -322,3 +322,31 @@ def test_resuming_after_a_hard_kill_logs_each_step_once(tiny_model_dir, tiny_dat
     (out / LORA_FILE).unlink()
     run(tiny_model_dir, tiny_data_dir, out, resume="latest", steps=4, checkpoint_every=2)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_dora_trains_loads_in_diffusers_exactly_and_refuses_lossy_exports(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    from soar_lite import export
+
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "dora", steps=2, use_dora=True, lr=1e-2)
+    weights = load_file(str(out / LORA_FILE))
+    module = "transformer_blocks.0.attn.to_q"
+    magnitude = weights[f"transformer.{module}.lora_magnitude_vector"]
+    a, b = weights[f"transformer.{module}.lora_A.weight"], weights[f"transformer.{module}.lora_B.weight"]
+    pipe = _pipe(tiny_model_dir)
+    w = pipe.transformer.state_dict()[f"{module}.weight"].clone()
+    pipe.load_lora_weights(str(out / LORA_FILE))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # keeps the fused weights
+    merged = w + b @ a  # scale folded into B
+    expected = magnitude[:, None] * merged / merged.norm(dim=1, keepdim=True)  # DoRA: per output row
+    torch.testing.assert_close(
+        pipe.transformer.state_dict()[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6
+    )
+    assert not torch.allclose(expected, w, atol=1e-4)  # it trained
+    for fmt in ("kohya", "comfyui"):
+        with pytest.raises(UserError, match="DoRA LoRA: kohya tools and ComfyUI normalise"):
+            export.export_lora(out, fmt, tmp_path / f"x-{fmt}.safetensors")
+    with pytest.raises(UserError, match="strength is not a weight scale"):
+        export.export_lora(out, "diffusers", tmp_path / "x.safetensors", strength=0.5)
