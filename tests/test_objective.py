@@ -916,7 +916,7 @@ def _budget_grads(keep: list[int] | None, k_total: int = 3) -> tuple[float, list
     draws.keep = torch.tensor(keep) if keep is not None else None
     report = soar_loss(velocity, z0, cond, uncond, grid, cfg, draws=draws)
     report.loss.backward()
-    return float(report.loss), [p.grad.clone() for p in net.parameters()], len(calls)
+    return float(report.loss.detach()), [p.grad.clone() for p in net.parameters()], len(calls)
 
 
 def test_aux_budget_is_an_unbiased_estimate_of_the_full_k_step():
