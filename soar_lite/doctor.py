@@ -443,6 +443,24 @@ def _disk(name: str, path: Path, min_gb: float, why: str) -> Check:
     return Check(name, OK, detail, data=data)
 
 
+def cache_check(root: Path) -> Check:
+    """The shared latent/embedding cache: its size and what ``soar-lite cache --prune`` would free
+    (it only grows: every dataset and setting adds tensors)."""
+    from soar_lite import cache
+
+    if not (root / cache.STORE_NAME).is_dir():
+        return Check("cache", OK, f"empty ({root})", data={"path": str(root), "bytes": 0})
+    use = cache.usage(root)
+    data = {"path": str(root), "bytes": use.shard_bytes, "prunable_bytes": use.prunable_bytes}
+    detail = f"{use.shard_bytes / GIB:.2f} GiB in {use.manifests} datasets at {root}"
+    if use.prunable_bytes > 1 * GIB:
+        advice = (
+            f"soar-lite cache --prune frees ~{use.prunable_bytes / GIB:.1f} GiB (datasets unused for 30 days)"
+        )
+        return Check("cache", WARN, detail, advice, data)
+    return Check("cache", OK, detail, data=data)
+
+
 def disk_checks() -> list[Check]:
     """The soar-lite home (tiny base, caches) and the Hugging Face cache (model downloads)."""
     from soar_lite.paths import home_dir
@@ -453,6 +471,7 @@ def disk_checks() -> list[Check]:
         error = f"cannot create {exc.filename} ({exc.strerror})"
         return [Check("soar-lite home", FAIL, error, "set SOAR_LITE_HOME to a writable folder")]
     checks = [_disk("soar-lite home", home, MIN_HOME_GB, "SOAR_LITE_HOME / data.cache_dir")]
+    checks.append(cache_check(home / "cache"))
     with contextlib.suppress(ImportError):
         from huggingface_hub.constants import HF_HUB_CACHE
 

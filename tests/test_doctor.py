@@ -161,3 +161,20 @@ def test_presets_that_fit_a_12gb_card(monkeypatch):
               data={"available": False}) for c in ready]  # fmt: skip
     check = doctor.preset_check(gpu, no_bnb)
     assert "8gb" not in check.data["fits"] and "needs quant=nf4" in " ".join(check.data["does_not_fit"])
+
+
+def test_cache_line_reports_size_and_what_prune_frees(tmp_path, monkeypatch):
+    from soar_lite import doctor as doc
+    from tests.test_cache import _age, cache_once, fake_data, fake_model
+
+    root = tmp_path / "cache"
+    assert doc.cache_check(root).detail.startswith("empty")
+    manifest = cache_once(fake_data(tmp_path / "d", 3), fake_model(tmp_path / "m"), root).manifest
+    ok = doc.cache_check(root)
+    assert ok.status == doc.OK and ok.data["bytes"] > 0 and "in 1 datasets" in ok.detail
+    from soar_lite.cache import STORE_NAME
+
+    _age([manifest, *(root / STORE_NAME / "shards").glob("*.safetensors")], days=40)
+    monkeypatch.setattr(doc, "GIB", 1)  # any prunable byte is "a lot" for this tiny store
+    warn = doc.cache_check(root)
+    assert warn.status == doc.WARN and "soar-lite cache --prune frees" in warn.advice
