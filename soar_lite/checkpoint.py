@@ -114,9 +114,11 @@ def load(
         if not (path / "ema.safetensors").is_file():
             raise UserError(f"--resume {path}: this checkpoint has no EMA (was ema_decay=0 then?)")
         ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    saved = torch.load(path / "state.pt", weights_only=False)
+    # map to the CPU: rank 0 saved cuda:0 tensors; the optimizers move their state to each parameter's
+    # device, and a GPU checkpoint then also resumes on a machine without that GPU
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False, map_location="cpu"))
+    saved = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
     rng = saved["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

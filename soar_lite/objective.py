@@ -96,6 +96,12 @@ class Draws:
             draws.keep = torch.randperm(k, generator=generator, device=device)[: cfg.aux_budget].sort().values
         return draws
 
+    def to(self, device: torch.device | str) -> Draws:
+        """The same draws on ``device`` (they are drawn on the CPU: see ``train.build_run``)."""
+        paths = [PathDraws(None if p.eps is None else p.eps.to(device), p.u.to(device)) for p in self.paths]
+        keep = None if self.keep is None else self.keep.to(device)
+        return Draws(self.z1.to(device), self.t0.to(device), self.drop_cond, paths, keep)
+
     def select(self, rows: slice, cfg: SoarConfig) -> Draws:
         """This process's share of a global batch's draws: the same randomness whatever the process count."""
         picked = torch.zeros(self.t0.shape[0], dtype=torch.bool, device=self.t0.device)

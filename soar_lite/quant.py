@@ -16,6 +16,10 @@ import torch
 from soar_lite.errors import UserError
 
 RUNS_ON_CPU = ("none", "torchao-int8", "nf4", "int8")
+# Outside the transformer blocks (embedders, final norm and projection: <1 % of the weights) stays in
+# the base dtype on both paths, so the CPU-tested layout is the CUDA one.
+KEEP_DENSE = ("pos_embed", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold: bitsandbytes' and diffusers' default
 
 
 def check_backend(quant: str, device: torch.device | str) -> None:
@@ -45,9 +49,14 @@ def diffusers_config(quant: str, compute_dtype: torch.dtype, device: torch.devic
 
         if quant == "nf4":
             return BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=compute_dtype,
+                llm_int8_skip_modules=list(KEEP_DENSE),  # (also the 4-bit skip list in diffusers)
             )
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=INT8_THRESHOLD, llm_int8_skip_modules=list(KEEP_DENSE)
+        )
     from diffusers import TorchAoConfig
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
 
@@ -58,7 +67,8 @@ def quantize_bnb_linears(model: torch.nn.Module, quant: str, compute_dtype: torc
     """Swap the transformer blocks' ``nn.Linear`` layers for bitsandbytes NF4 / int8 ones (CPU path).
 
     Quantization happens when the module is moved to a device (``Params4bit`` / ``Int8Params``);
-    embedders and the output layer stay in the base dtype, as diffusers' own bnb path keeps them.
+    embedders and the output layer (``KEEP_DENSE``) stay in the base dtype, as the CUDA path's
+    ``llm_int8_skip_modules`` keeps them; int8 uses the same outlier threshold.
     Returns the number of layers swapped.
     """
     import bitsandbytes as bnb
@@ -77,8 +87,9 @@ def quantize_bnb_linears(model: torch.nn.Module, quant: str, compute_dtype: torc
                 layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
             else:
                 layer = bnb.nn.Linear8bitLt(
-                    child.in_features, child.out_features, bias=bias, has_fp16_weights=False
-                )
+                    child.in_features, child.out_features, bias=bias, has_fp16_weights=False,
+                    threshold=INT8_THRESHOLD,
+                )  # fmt: skip
                 layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             if bias:
                 layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)

@@ -7,7 +7,7 @@ model family through :class:`~soar_lite.families.base.ModelFamily` and the objec
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import json
 import math
 import os
@@ -184,8 +184,19 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
         family.transformer.enable_gradient_checkpointing()
     optimizer = build_optimizer(params, cfg)
     scheduler = build_scheduler(optimizer, cfg)
+    if accelerator.num_processes > 1:
+        # DDP broadcasts every parameter and buffer at wrap time: not the frozen (maybe quantized:
+        # torchao tensors cannot even be flattened) base, only the adapter, which is what it syncs
+        from torch.nn.parallel import DistributedDataParallel
+
+        transformer = family.transformer
+        frozen = [name for name, p in transformer.named_parameters() if not p.requires_grad]
+        buffers = [name for name, _ in transformer.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen + buffers)
     model, optimizer = accelerator.prepare(family.transformer, optimizer)
-    generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed)
+    # Every draw is made on the CPU and moved: CUDA random kernels depend on the GPU model (SM count),
+    # so a CPU generator gives every process, card and machine the same global draws.
+    generator = torch.Generator().manual_seed(cfg.seed)
     ema = LoraEMA(params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     return Run(
         accelerator, family, model, data, family.noise_grid(), optimizer, scheduler, generator, params, ema
@@ -199,33 +210,33 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
     velocity = _autocast(acc, run.family.velocity(run.model))
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if world > 1 else None
     totals = LossReport(torch.zeros(()), 0.0, 0.0, 0, 0, 0, 0)
-    for micro in range(accum):
+    for _ in range(accum):
         rows = run.data.rows(state.batches, cfg.batch_size * world, cfg.seed)
         drops = run.data.caption_drops(state.batches, cfg.batch_size * world, cfg.seed)
         mine = slice(acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size)
         z0_all = run.data.latents_of(rows)
-        draws = Draws.sample(z0_all.to(acc.device), soar_cfg, run.grid, run.generator).select(mine, soar_cfg)
+        draws = Draws.sample(z0_all, soar_cfg, run.grid, run.generator).select(mine, soar_cfg).to(acc.device)
         z0, cond, uncond = run.data.batch(rows[mine], acc.device, drops[mine])
-
-        def backward(term: torch.Tensor, is_last: bool, final_micro: bool = micro == accum - 1) -> None:
-            sync = contextlib.nullcontext() if (is_last and final_micro) else acc.no_sync(run.model)
-            with sync:
-                acc.backward(term / accum)
-
-        report = soar_loss(
-            velocity,
-            z0,
-            cond,
-            uncond,
-            run.grid,
-            soar_cfg,
-            draws=draws,
-            backward=backward,
-            reduce_sum=reduce_sum,
-            world_size=world,
-        )
+        # DDP decides at *forward* time whether a backward all-reduces, and processes may run different
+        # numbers of terms (SDE paths keep a process-local number of samples): every forward and
+        # backward runs unsynchronised, and the gradients are averaged once below.
+        with acc.no_sync(run.model):
+            report = soar_loss(
+                velocity,
+                z0,
+                cond,
+                uncond,
+                run.grid,
+                soar_cfg,
+                draws=draws,
+                backward=lambda term, is_last: acc.backward(term / accum),
+                reduce_sum=reduce_sum,
+                world_size=world,
+            )
         _accumulate(totals, report)
         state.batches += 1
+    if world > 1:
+        _average_gradients(acc, run.params)
     if cfg.optim.max_grad_norm > 0:
         acc.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
     run.optimizer.step()
@@ -235,6 +246,16 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
         run.ema.update(run.params)
     state.step += 1
     return totals
+
+
+def _average_gradients(acc: Accelerator, params: list[torch.nn.Parameter]) -> None:
+    """One all-reduce (mean, as DDP would) of every adapter gradient for the optimizer step."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    averaged = acc.reduce(_flatten_dense_tensors(grads), reduction="mean")
+    for p, g in zip(params, _unflatten_dense_tensors(averaged, grads), strict=True):
+        p.grad = g
 
 
 def step_objective(cfg: TrainConfig, step: int, generator: torch.Generator) -> SoarConfig:
@@ -390,6 +411,9 @@ def train(
             # resuming a run stopped during the SFT arm: the SOAR arm has not started, it starts now
             arm_resume = resume if started else None
             train(cfg.arm(arm), arm_out, resume=arm_resume, overwrite=overwrite, progress=progress)
+            gc.collect()  # accelerate's mixed-precision forward wrapper is a cycle: free the arm now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if PartialState().is_main_process:  # base / SFT / SOAR side by side in OUTPUT/compare
             from soar_lite.sample import compare_arms
 
@@ -429,14 +453,18 @@ def train(
         dynamic_ncols=True,
     )
     try:
+        first = True  # the preflight: the first step of this process, also after a resume
         while state.step < cfg.steps:
             start = time.perf_counter()
+            if acc.device.type == "cuda":  # the step's own peak, not the cache stage's or validation's
+                torch.cuda.reset_peak_memory_stats(acc.device)
             report = _guarded_step(run, cfg, state)
             metrics = step_metrics(report, run, time.perf_counter() - start, acc.num_processes)
             if acc.device.type == "cuda":
                 metrics["gpu_peak_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
-                if state.step == 1:
+                if first:
                     _check_headroom(metrics["gpu_peak_gb"], acc.device)
+            first = False
             _check_finite(metrics, state.step)
             if state.step % cfg.log_every == 0 or state.step == cfg.steps:
                 logger.log(state.step, metrics)

@@ -69,3 +69,19 @@ def test_embeddings_do_not_depend_on_the_offload_mode(tiny_model_dir):
 def test_unknown_offload_mode_is_a_one_line_error():
     with pytest.raises(UserError, match="encoder_offload"):
         DataConfig(encoder_offload="gpu")
+
+
+def test_freed_encoders_are_gone_at_once_even_with_offload_hooks(tiny_model_dir):
+    """A hook and its module hold each other; free_encoders must not leave the last one resident."""
+    import gc
+    import weakref
+
+    family = SD3Family.load(str(tiny_model_dir), transformer=False, vae=False, encoder_offload="model")
+    family.encode_prompts(["a red circle"])
+    refs = [weakref.ref(m) for m in (family.pipe.text_encoder, family.pipe.text_encoder_2)]
+    gc.disable()  # only free_encoders' own collection may free them
+    try:
+        family.free_encoders()
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()

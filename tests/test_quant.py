@@ -97,3 +97,27 @@ def test_gpu_quantization_loads_through_diffusers(tiny_model_dir, quant):
         str(tiny_model_dir), device="cuda", dtype="bfloat16", quant=quant, text_encoders=False, vae=False
     )
     assert _quantized_layers(family.transformer, quant) >= 10 or quant == "torchao-fp8"
+
+
+def test_cuda_bnb_config_quantizes_what_the_cpu_path_quantizes():
+    """The CPU-tested layout is the CUDA one: the same layers stay dense, the same int8 threshold."""
+    import bitsandbytes as bnb
+
+    from soar_lite import quant
+    from soar_lite.toy.tiny_sd3 import tiny_sd3_transformer
+
+    model = tiny_sd3_transformer(0)
+    linears = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    quant.quantize_bnb_linears(model, "int8", torch.float32)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    dense = {n for n in linears if n.split(".")[0] in quant.KEEP_DENSE}
+    assert swapped == linears - dense and dense  # every linear outside KEEP_DENSE, none inside
+    assert all(
+        m.state.threshold == quant.INT8_THRESHOLD
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear8bitLt)
+    )
+    for name in ("nf4", "int8"):
+        config = quant.diffusers_config(name, torch.bfloat16, "cuda")  # built without a GPU
+        assert config.llm_int8_skip_modules == list(quant.KEEP_DENSE)
+    assert quant.diffusers_config("int8", torch.bfloat16, "cuda").llm_int8_threshold == quant.INT8_THRESHOLD

@@ -179,6 +179,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Time and memory of every variant on one tiny model and batch; returns the JSON record."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = torch.device(device).type == "cuda"
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     model, params = build_model(layers)
@@ -199,26 +200,26 @@ def run_bench(
     memory: dict[str, dict[str, float]] = {}
     for name, spec in variants.items():  # memory pass (hooks slow the step: not timed)
         meter = SavedTensorMeter(model.parameters())
-        if device == "cuda":
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats()
         _one_step(model, params, opt, (z0, cond, uncond), grid, spec, g, meter)
         memory[name] = {"saved_activation_peak_mb": meter.peak / 2**20}
-        if device == "cuda":
+        if on_cuda:
             memory[name]["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     for rep in range(warmup + repeats):  # timing passes, round-robin
         for name, spec in variants.items():
-            if device == "cuda":
+            if on_cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             _one_step(model, params, opt, (z0, cond, uncond), grid, spec, g, None)
-            if device == "cuda":
+            if on_cuda:
                 torch.cuda.synchronize()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)
         for name, one_pass in passes.items():
             start = time.perf_counter()
             one_pass(model, (z0, cond, uncond), grid)
-            if device == "cuda":
+            if on_cuda:
                 torch.cuda.synchronize()
             if rep >= warmup:
                 times[name].append(time.perf_counter() - start)

@@ -8,6 +8,7 @@ the pipeline's own ``encode_prompt``, so cached embeddings are exactly what samp
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 from collections.abc import Sequence
@@ -79,13 +80,11 @@ def sd3_velocity(transformer: torch.nn.Module) -> Velocity:
 
 def _place_parts(pipe: StableDiffusion3Pipeline, device: torch.device, encoder_offload: str) -> None:
     """VAE onto ``device``; the text encoders as ``encoder_offload`` says (auto: by free memory)."""
-    if pipe.vae is not None:
-        pipe.vae.to(device)
     encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
     mode = encoder_offload
     sizes = [offload.module_bytes(m) for m in encoders]
     if mode == "auto":
-        budget = offload.free_device_bytes(device)
+        budget = offload.free_device_bytes(device)  # read before the VAE moves, then its size taken off
         if budget is not None and pipe.vae is not None:
             budget -= offload.module_bytes(pipe.vae)
         mode = offload.choose(sizes, budget)
@@ -95,6 +94,8 @@ def _place_parts(pipe: StableDiffusion3Pipeline, device: torch.device, encoder_o
                 "encoder_offload=%s (%s)", sum(sizes) / 1e9, (budget or 0) / 1e9, mode,
                 "one encoder on the GPU at a time" if mode == "model" else "layers streamed through the GPU",
             )  # fmt: skip
+    if pipe.vae is not None:
+        pipe.vae.to(device)
     offload.place(encoders, mode, device)
 
 
@@ -205,6 +206,7 @@ class SD3Family:
             setattr(self.pipe, name, None)
         if self.pipe.vae is not None:
             self.pipe.vae.encoder = None
+        gc.collect()  # an offload hook and its encoder hold each other: collect, or T5 stays on the GPU
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
