@@ -28,6 +28,8 @@ def _default_output(args: argparse.Namespace) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate everything first (cheap), then train; prints where the LoRA file is."""
     preset, overrides = args.preset, _run_overrides(args)
+    if args.vram is not None and args.vram <= 0:
+        raise UserError(f"--vram {args.vram:g}: the GPU's memory in GB, e.g. --vram 12")
     if preset == "auto" or args.vram is not None:
         from soar_lite.plan import fit
 
@@ -54,6 +56,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     extra = [f"data.cache_dir={args.output}"] if args.output else []
     cfg = config.load_config(args.preset, _run_overrides(args) + extra)
     if args.info or args.prune:
+        if args.older_than < 0:
+            raise UserError(f"--older-than {args.older_than:g}: a number of days, 0 or more")
         from soar_lite import cache
         from soar_lite.paths import home_dir
 
@@ -112,6 +116,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = config.load_config(args.preset, args.overrides)
     model = args.model or cfg.model.path
+    if args.vram is not None and args.vram <= 0:
+        raise UserError(f"--vram {args.vram:g}: the GPU's memory in GB, e.g. --vram 12")
     tier = args.vram if args.vram is not None else tier_of(args.preset)
     result = plan(cfg, model, tier)
     print(result.render())

@@ -24,6 +24,10 @@ from soar_lite.cli import main
         (["presets", "nope"], "unknown preset 'nope'"),
         (["plan", "--model", "/no/such"], "no transformer config"),
         (["bench", "step", "nonsense"], "is not key=value"),
+        (["train", "--vram", "0"], "--vram 0: the GPU's memory in GB"),
+        (["plan", "--vram", "-2"], "--vram -2: the GPU's memory in GB"),
+        (["cache", "--prune", "--older-than", "-5"], "--older-than -5: a number of days"),
+        (["caption", "--data", "/no/such/folder"], "is not a folder of images"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
