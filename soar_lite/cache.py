@@ -822,6 +822,8 @@ def usage(root: str | Path, older_than_days: float = 30.0, *, prune: bool = Fals
     than the age are never touched (they may belong to a cache stage whose manifest is not written
     yet). A crash at any point loses nothing a kept dataset needs; at worst a duplicate shard.
     """
+    if older_than_days < 0:
+        raise ValueError("older_than_days must be >= 0 (a negative age would count every dataset as old)")
     store = Store(Path(root).expanduser() / STORE_NAME)
     cutoff = time.time() - older_than_days * 86400
     manifests = sorted(store.manifests.glob("*.json"))
