@@ -37,6 +37,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if os.environ.get("RANK", "0") == "0":
             print("\n".join(notes))
     cfg = config.load_config(preset, overrides)
+    if args.vram is None and preset != "auto" and os.environ.get("RANK", "0") == "0":
+        from soar_lite.plan import fit_warning
+
+        warning = fit_warning(cfg, preset, overrides)
+        if warning:
+            print(warning, file=sys.stderr)
     output = _default_output(args)
     from soar_lite.train import train
 

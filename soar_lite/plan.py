@@ -361,3 +361,23 @@ def fit(preset: str, overrides: list[str], vram_gb: float | None) -> tuple[str, 
         f"planner: would not fit {vram:g} GB as set; using {' '.join(changes)} (~{fitted.total:.1f} GiB)"
     )
     return preset, [*overrides, *changes], notes
+
+
+def fit_warning(cfg: TrainConfig, preset: str, overrides: list[str]) -> str | None:
+    """Before a CUDA run that names no budget: a warning if the planner says it will not fit this
+    GPU (so nobody waits through the cache stage for an out-of-memory at step 1), naming the fix."""
+    if not torch.cuda.is_available():
+        return None
+    vram = detected_vram_gb()
+    try:
+        result = plan(cfg, cfg.model.path, vram)
+    except UserError:
+        return None  # a model the planner cannot read offline: the preflight step still guards
+    if result.fits:
+        return None
+    found = suggest(preset, overrides, cfg.model.path, vram)
+    fix = f"add --vram {vram:g} to apply {' '.join(found[0])}" if found else "use a smaller model"
+    return (
+        f"warning: the planner estimates ~{result.total:.1f} GiB for this run and this GPU has {vram:g} GB: "
+        f"{fix} (estimate; the first step measures the real peak)"
+    )

@@ -165,3 +165,18 @@ def test_auto_without_a_gpu_is_a_clear_error():
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match="no CUDA GPU is visible: use --preset cpu-tiny"):
         fit("auto", [], None)
+
+
+def test_a_cuda_run_that_will_not_fit_is_warned_before_any_work(monkeypatch):
+    from soar_lite import plan as planner
+
+    large = config.load_config("16gb", ["model.path=sd3.5-large"])
+    planner.plan(large, "sd3.5-large", 12)  # imports diffusers' SD3 model before CUDA is faked
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(planner, "detected_vram_gb", lambda: 12.0)
+    warning = planner.fit_warning(large, "16gb", ["model.path=sd3.5-large"])
+    assert warning.startswith("warning: the planner estimates ~17.4 GiB for this run and this GPU has 12 GB")
+    assert "add --vram 12 to apply quant=int8" in warning
+    assert planner.fit_warning(config.load_config("16gb"), "16gb", []) is None  # Medium fits 12 GB
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert planner.fit_warning(large, "16gb", []) is None  # no GPU: nothing to compare with
