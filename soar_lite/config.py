@@ -65,6 +65,7 @@ class DataConfig:
     caption_ext: str = ".txt"  # folder format: caption file next to each image
     default_caption: str = ""  # for images whose caption is missing or empty (else they are skipped)
     trigger_word: str = ""  # put in front of every caption ("tok, a photo of ..."), once
+    kohya_folders: bool = True  # folder format: "10_ohwx dog/" = 10 repeats, "ohwx dog" for uncaptioned
     caption_dropout: float = 0.0  # share of rows shown the empty prompt (drawn per batch, not cached)
     image_column: str = ""  # saved HF dataset: "" = "image"
     caption_column: str = ""  # "" = "text" (imagefolder, HF dataset) or "caption_en" (SOAR jsonl)

@@ -274,7 +274,8 @@ def dataset_report(path: str | Path) -> DatasetReport:
         report = load_items(DataConfig(path=str(folder)))
     except UserError as exc:
         return DatasetReport(folder, [], {}, str(exc), str(exc))
-    return DatasetReport(folder, report.items, dict(report.skips.by_reason), report.summary())
+    distinct = list(dict.fromkeys(report.items))  # kohya folder repeats: each image shown once
+    return DatasetReport(folder, distinct, dict(report.skips.by_reason), report.summary())
 
 
 def write_captions(folder: str | Path, captions: dict[str, str], caption_ext: str = ".txt") -> int:

@@ -493,3 +493,14 @@ def test_prune_keeps_fresh_tensors_of_a_cache_stage_still_running(tmp_path):
     info = cache.usage(root, older_than_days=30, prune=True)
     assert info.prunable_shards == 0 and info.shards > 0
     assert len(list((root / cache.STORE_NAME / "shards").glob("*.safetensors"))) == info.shards
+
+
+def test_kohya_repeats_are_rows_not_extra_encodes(tmp_path):
+    root = tmp_path / "data"
+    fake_data(root / "3_ohwx", 2)  # two captioned images, three times each
+    fake_data(root / "plain", 1)  # the same pixels as 3_ohwx/00.png: one content key
+    counts = Counter()
+    result = cache_once(root, fake_model(tmp_path / "model"), tmp_path / "cache", counts=counts)
+    assert counts["images"] == 2 and result.items == 7
+    data = cache.load_cache(result.manifest)
+    assert len(data) == 7 and sorted(data.captions).count("caption 0") == 4  # 3 repeats + the plain copy

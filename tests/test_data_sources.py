@@ -145,3 +145,37 @@ def test_bucket_choice_and_crop():
     out = cover_crop(img, (60, 40))
     assert out.size == (60, 40)
     assert out.getpixel((30, 20)) == (255, 255, 255) and out.getpixel((0, 20))[0] < 255  # centred
+
+
+def test_kohya_repeat_folders_repeat_and_caption_like_kohya(tmp_path):
+    from PIL import Image
+
+    from soar_lite.config import DataConfig
+    from soar_lite.data import load_items
+
+    root = tmp_path / "train"
+    for folder, name, caption in [
+        ("10_ohwx dog", "a", None),
+        ("2_cat", "b", "a cat on a mat"),
+        ("2024_trip", "c", "sea"),
+    ]:
+        (root / folder).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (200, 10, 10)).save(root / folder / f"{name}.png")
+        if caption:
+            (root / folder / f"{name}.txt").write_text(caption)
+    report = load_items(DataConfig(path=str(root)))
+    counts = {}
+    for item in report.items:
+        counts[(item.name, item.caption)] = counts.get((item.name, item.caption), 0) + 1
+    assert counts == {
+        ("10_ohwx dog/a.png", "ohwx dog"): 10,  # no caption file: the class text, as kohya does
+        ("2_cat/b.png", "a cat on a mat"): 2,  # a caption file wins
+        ("2024_trip/c.png", "sea"): 1,  # a year is not a repeat count
+    }
+    assert "kohya folder repeats: '10_ohwx dog' x10, '2_cat' x2" in report.summary()
+    plain = load_items(DataConfig(path=str(root), kohya_folders=False, default_caption="x"))
+    assert sorted((i.name, i.caption) for i in plain.items) == [
+        ("10_ohwx dog/a.png", "x"),
+        ("2024_trip/c.png", "sea"),
+        ("2_cat/b.png", "a cat on a mat"),
+    ]

@@ -79,9 +79,13 @@ class DataReport:
     fmt: str
     skips: Skips
     conversions: Counter = field(default_factory=Counter)
+    repeated: dict[str, int] = field(default_factory=dict)  # kohya folder -> its repeats
 
     def summary(self) -> str:
         line = f"data: {len(self.items)} items from {self.path} ({self.fmt}); {self.skips.summary()}"
+        if self.repeated:
+            folders = ", ".join(f"'{name}' x{n}" for name, n in sorted(self.repeated.items()))
+            line += f"; kohya folder repeats: {folders}"
         if self.conversions:
             line += "; converted: " + ", ".join(f"{n} {what}" for what, n in sorted(self.conversions.items()))
         return line
@@ -125,19 +129,23 @@ def load_items(cfg: DataConfig, path: str | Path | None = None) -> DataReport:
         "caption_column": cfg.caption_column,
         "split": cfg.split,
         "image_dir": cfg.image_dir,
+        "kohya_folders": cfg.kohya_folders,
     }
     listing = list_records(where, cfg.format, options)
     skips, conversions = Skips(), Counter()
     for name, reason in listing.skipped:
         skips.add(name, reason)
     items: list[Item] = []
+    repeated: dict[str, int] = {}
     first_of: dict[str, str] = {}
     for record in listing.records:
         if record.dup_key and record.dup_key in first_of:
             skips.add(record.name, f"duplicate name (same name as {first_of[record.dup_key]}, which is kept)")
             continue
         first_of.setdefault(record.dup_key or f"#{len(first_of)}", record.name)
-        caption = finish_caption(record.caption, cfg.default_caption, cfg.trigger_word)
+        caption = finish_caption(
+            record.caption, cfg.default_caption or record.class_caption, cfg.trigger_word
+        )
         if not caption:
             skips.add(record.name, _no_caption(record, listing.fmt, cfg))
             continue
@@ -150,8 +158,11 @@ def load_items(cfg: DataConfig, path: str | Path | None = None) -> DataReport:
         conversions.update(info.conversions())
         if record.encoding == "cp1252":
             conversions["cp1252 caption"] += 1
-        items.append(_item(record, caption, info.width, info.height, hashlib.sha256(data).hexdigest()))
-    report = DataReport(items, where, listing.fmt, skips, conversions)
+        item = _item(record, caption, info.width, info.height, hashlib.sha256(data).hexdigest())
+        items.extend([item] * record.repeats)  # the same content key: encoded and cached once
+        if record.repeats > 1:
+            repeated[f"{record.repeats}_{record.class_caption}"] = record.repeats
+    report = DataReport(items, where, listing.fmt, skips, conversions, repeated)
     if not items:
         found = "no image files" if not listing.records and not listing.skipped else skips.summary()
         raise UserError(f"no usable captioned images in {where} ({found})")

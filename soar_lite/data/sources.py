@@ -1,6 +1,8 @@
 """Where captioned images come from: four on-disk formats, one record shape.
 
 * ``folder``: images with same-name caption files (kohya style: ``a.png`` + ``a.txt``), recursive;
+  kohya's ``<repeats>_<class>`` sub-folders (``10_ohwx dog/``) repeat their images and caption the
+  uncaptioned ones with the class text, as kohya does (``data.kohya_folders``);
 * ``imagefolder``: Hugging Face's layout, ``metadata.jsonl`` or ``metadata.csv`` with ``file_name``
   and a caption column (``text``), at the root or under ``<split>/``;
 * ``hf``: a ``datasets`` dataset saved with ``save_to_disk`` (image and caption columns by name);
@@ -17,6 +19,7 @@ import csv
 import functools
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from soar_lite.errors import UserError
 
 FORMATS = ("auto", "folder", "imagefolder", "hf", "soar_jsonl")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+KOHYA_FOLDER = re.compile(r"^(\d{1,3})_(.*)$")  # "10_ohwx dog"; 4-digit years ("2024_trip") are not repeats
 
 
 @dataclass
@@ -42,6 +46,8 @@ class Record:
     aspect: float = 0.0  # requested width/height (SOAR jsonl bw/bh), 0 = the image's own
     dup_key: str = ""  # records sharing a key are duplicates: the first is kept
     encoding: str = "utf-8"
+    repeats: int = 1  # kohya "<repeats>_<class>" folder: times the image appears in an epoch
+    class_caption: str = ""  # ... and the caption of its images that have none
 
 
 @dataclass
@@ -94,8 +100,20 @@ def _folder(root: Path, options: dict[str, str]) -> Listing:
         if caption_file.is_file():
             caption, encoding = decode_text(caption_file.read_bytes())
         name = str(path.relative_to(root))
-        out.records.append(Record(name, path, caption, dup_key=str(path.with_suffix("")), encoding=encoding))
+        record = Record(name, path, caption, dup_key=str(path.with_suffix("")), encoding=encoding)
+        if options.get("kohya_folders", True):
+            record.repeats, record.class_caption = _kohya_folder(path, root)
+        out.records.append(record)
     return out
+
+
+def _kohya_folder(path: Path, root: Path) -> tuple[int, str]:
+    """(repeats, class text) from the nearest ``<repeats>_<class>`` folder above ``path`` in ``root``."""
+    for folder in path.relative_to(root).parents:
+        match = KOHYA_FOLDER.match(folder.name)
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1)), match.group(2).strip()
+    return 1, ""
 
 
 def _read_table(path: Path) -> list[tuple[int, dict[str, Any]]]:
