@@ -100,7 +100,7 @@ def caption_folder(
             f"caption: {root} keeps its captions in a table ({detect_format(root)} format); auto-captioning "
             "writes same-name .txt files, so it takes a plain folder of images"
         )
-    records = list_records(root, "folder", {"caption_ext": caption_ext}).records
+    records = list_records(root, "folder", {"caption_ext": caption_ext, "kohya_folders": False}).records
     todo = [r for r in records if overwrite or not (r.caption or "").strip()]
     report = CaptionReport(kept=len(records) - len(todo))
     if not todo:

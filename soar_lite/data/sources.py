@@ -101,7 +101,7 @@ def _folder(root: Path, options: dict[str, str]) -> Listing:
             caption, encoding = decode_text(caption_file.read_bytes())
         name = str(path.relative_to(root))
         record = Record(name, path, caption, dup_key=str(path.with_suffix("")), encoding=encoding)
-        if options.get("kohya_folders", True):
+        if options["kohya_folders"]:
             record.repeats, record.class_caption = _kohya_folder(path, root)
         out.records.append(record)
     return out
