@@ -190,6 +190,29 @@ def preset_knobs(preset: str) -> tuple:
     )
 
 
+def preset_fit(preset: str, model: str) -> str:
+    """The memory planner's verdict for a preset on a model, shown under the form (no weights read)."""
+    from soar_lite.plan import plan, suggest, tier_of
+
+    overrides = [f"model.path={(model or BUILTIN).strip()}"]
+    try:
+        cfg = config.load_config(preset, overrides)
+        result = plan(cfg, cfg.model.path, tier_of(preset))
+    except UserError as exc:
+        return f"Memory planner: {exc}"
+    line = f"Memory planner: ~{result.total:.1f} GiB peak while training"
+    if result.fits is not None:
+        line += f" ({'fits' if result.fits else 'does NOT fit'} a {result.tier_gb:g} GB card)"
+    if result.fits is False:
+        found = suggest(preset, overrides, cfg.model.path, result.tier_gb)
+        line += f"; it fits with `{' '.join(found[0])}` in More settings" if found else ""
+    if result.cache is not None and result.cache.mode != "none":
+        line += (
+            f"; caching: text encoders `{result.cache.mode}`-offloaded, ~{result.cache.gpu_peak_gb:.1f} GiB"
+        )
+    return line + ". `soar-lite plan --vram GB` fits any other card."
+
+
 @_ui
 def start(runs_dir: Path, *values: Any) -> tuple:
     """Start a run from the form (validated first); show its command; switch the pickers to it."""
@@ -266,6 +289,7 @@ def train_tab(runs_dir: Path, widgets: Widgets) -> tuple[gr.State, gr.Timer]:
         lr = gr.Number(lr0, label="lr", minimum=0)
         lam = gr.Number(lam0, label="lambda_aux", minimum=0)
         k = gr.Number(k0, label="trajectory_length", precision=0, minimum=1, elem_id="train-k")
+    fit = gr.Markdown(preset_fit("cpu-tiny", model0), elem_id="train-fit")
     extra = gr.Textbox(
         label="More settings (key=value ...)",
         placeholder="batch_size=4 validation.every=50",
@@ -290,7 +314,10 @@ def train_tab(runs_dir: Path, widgets: Widgets) -> tuple[gr.State, gr.Timer]:
     log = gr.Textbox(label="Log (last lines)", lines=10, max_lines=10, interactive=False, elem_id="train-log")
     run = gr.State(None)
     timer = gr.Timer(TICK_S, active=False)
-    preset.change(preset_knobs, [preset], [model, steps, rank, lr, lam, k])
+    preset.change(preset_knobs, [preset], [model, steps, rank, lr, lam, k]).then(
+        preset_fit, [preset, model], [fit]
+    )
+    model.blur(preset_fit, [preset, model], [fit])
     form = [preset, model, widgets.data_path, objective, steps, rank, lr, lam, k, extra, name]
     live = [status, plot, samples, log]
     start_btn.click(

@@ -286,3 +286,14 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     )
     with pytest.raises(UserError, match="before its first checkpoint"):
         app_runs.resume_training(early)
+
+
+def test_the_train_form_shows_the_planners_verdict():
+    from app.main import preset_fit
+
+    assert preset_fit("8gb", "stabilityai/stable-diffusion-3.5-medium").startswith(
+        "Memory planner: ~2.2 GiB peak while training (fits a 8 GB card); caching: text encoders `sequential`"
+    )
+    large = preset_fit("16gb", "stabilityai/stable-diffusion-3.5-large")
+    assert "(does NOT fit a 16 GB card); it fits with `quant=int8` in More settings" in large
+    assert preset_fit("16gb", "someone/else").startswith("Memory planner: plan: no transformer config")
