@@ -107,3 +107,17 @@ def read_lora(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise UserError(f"no LoRA file at {path}")
     return load_file(str(path))
+
+
+def training_note(path: str | Path) -> dict:
+    """The JSON note soar-lite wrote into a LoRA file's metadata ({} for other files)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("soar_lite", "{}"))
+    except (OSError, ValueError):
+        return {}

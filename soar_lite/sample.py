@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import textwrap
 import warnings
 from collections.abc import Sequence
@@ -108,7 +109,16 @@ def load_for_sampling(
 def read_loras(loras: Sequence[tuple[str, float]]) -> list[tuple[dict[str, torch.Tensor], float]]:
     """Every LoRA file read (diffusers layout, kohya converted) before any model loads: fail fast."""
     from soar_lite.export import read_any_lora
+    from soar_lite.lora import training_note
 
+    for path, _ in loras:  # a LoRA learns to offset its base's quantization error (cog-flux#24)
+        quant = training_note(path).get("base_quant", "none")
+        if quant != "none":
+            print(
+                f"note: {path} was trained on a {quant} base; on an unquantized base its best strength "
+                "may differ (try PATH:0.8 to PATH:1.2)",
+                file=sys.stderr,
+            )
     return [(read_any_lora(path), float(strength)) for path, strength in loras]
 
 

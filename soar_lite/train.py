@@ -488,7 +488,12 @@ def train(
     acc.wait_for_everyone()
     if acc.is_main_process:
         record = _write_record(output, cfg, model_path, state, "done", acc)
-        note = {"objective": cfg.objective, "base_model": record["base_model"]}
+        note = {
+            "objective": cfg.objective,
+            "base_model": record["base_model"],
+            "base_quant": cfg.model.quant,  # a LoRA trained on a quantized base may want another strength
+            "base_dtype": cfg.model.dtype,
+        }
         lora.save_lora(acc.unwrap_model(run.model), cfg.lora, output, note)
         if run.ema is not None:
             with run.ema.swapped_in(run.params):

@@ -94,3 +94,19 @@ def test_every_adapter_gets_a_gradient_none_is_dead_weight():
     )[0]
     out.square().mean().backward()
     assert [n for n, p in trained.items() if p.grad is None or not p.grad.abs().sum()] == []
+
+
+@pytest.mark.parametrize(("quant", "noted"), [("nf4", True), ("none", False)])
+def test_a_lora_trained_on_a_quantized_base_says_so_when_sampled(tmp_path, capsys, quant, noted):
+    from soar_lite.lora import training_note
+    from soar_lite.sample import read_loras
+    from soar_lite.toy.tiny_sd3 import tiny_sd3_transformer
+
+    model = tiny_sd3_transformer(0)
+    model.requires_grad_(False)
+    add_lora(model, LoraConfig(rank=4, alpha=4.0))
+    path = save_lora(model, LoraConfig(rank=4, alpha=4.0), tmp_path, {"base_quant": quant})
+    assert training_note(path)["base_quant"] == quant and training_note(tmp_path / "none") == {}
+    read_loras([(str(path), 1.0)])
+    err = capsys.readouterr().err
+    assert (f"was trained on a {quant} base" in err) is noted
