@@ -217,29 +217,7 @@ def test_a_crashing_run_fails_alone_and_says_why(tmp_path):
 
 
 @pytest.mark.slow
-def test_stop_saves_a_checkpoint_like_ctrl_c(tmp_path, tiny_model_dir, tiny_data_dir):
-    extra = ["batch_size=4", "validation.num_prompts=0", "checkpoint_every=0"]
-    request = TrainRequest(
-        model=str(tiny_model_dir),
-        data=str(tiny_data_dir),
-        steps=500,
-        rank=4,
-        trajectory_length=2,
-        extra=extra,
-    )
-    folder = app_runs.start_training(tmp_path / "runs", request)
-    _wait(lambda: bool(app_runs.read_metrics(folder / METRICS)), 180)
-    assert app_runs.run_state(folder) == "running"
-    assert "stopping" in app_runs.stop_training(folder)
-    _wait(lambda: not app_runs.is_alive(folder), 120)
-    assert app_runs.run_state(folder) == "stopped"
-    assert "interrupted at step" in app_runs.log_tail(folder)
-    assert any((folder / "checkpoints").iterdir())
-    assert "not running" in app_runs.stop_training(folder)
-
-
-@pytest.mark.slow
-def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tiny_data_dir):
+def test_stop_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_model_dir, tiny_data_dir):
     extra = ["batch_size=4", "validation.num_prompts=0", "checkpoint_every=0"]
     request = TrainRequest(
         model=str(tiny_model_dir),
@@ -253,8 +231,11 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, tiny_model_dir, tin
     with pytest.raises(UserError, match="still running"):
         app_runs.resume_training(folder)
     _wait(lambda: bool(app_runs.read_metrics(folder / METRICS)), 180)
-    app_runs.stop_training(folder)
+    assert app_runs.run_state(folder) == "running"
+    assert "stopping" in app_runs.stop_training(folder)  # like Ctrl-C: a checkpoint first
     _wait(lambda: not app_runs.is_alive(folder), 120)
+    assert app_runs.run_state(folder) == "stopped" and any((folder / "checkpoints").iterdir())
+    assert "not running" in app_runs.stop_training(folder)
     stopped_at = int(re.search(r"interrupted at step (\d+)", app_runs.log_tail(folder)).group(1))
 
     assert "resuming" in app_runs.resume_training(folder)
