@@ -30,6 +30,7 @@ from typing import Any
 from soar_lite import config
 from soar_lite.config import BUILTIN
 from soar_lite.errors import UserError
+from soar_lite.paths import write_text_atomic
 from soar_lite.uploads import DATASETS
 
 APP_RECORD = "app_run.json"  # written by the app at launch: argv, command, resolved config, pid
@@ -116,9 +117,7 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_app_record(folder: Path, record: dict[str, Any]) -> None:
-    tmp = folder / f".{APP_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    os.replace(tmp, folder / APP_RECORD)
+    write_text_atomic(folder / APP_RECORD, json.dumps(record, indent=2))
 
 
 def _update_app_record(folder: Path, **values: Any) -> None:

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from soar_lite.data import BadImage, Item, Skips, bucket_for, load_pixels, read_image_bytes, verify_items
 from soar_lite.errors import UserError
+from soar_lite.paths import home_dir, write_text_atomic
 
 log = logging.getLogger("soar_lite.cache")
 CACHE_VERSION = 2
@@ -69,16 +70,6 @@ _DIGEST_NAME = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file + fsync + rename: readers see old or new, never half."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- model fingerprints
@@ -129,7 +120,7 @@ class Fingerprints:
 
     def save(self) -> None:
         if self.dirty:
-            _write_atomic(self.file, json.dumps(self.memo))
+            write_text_atomic(self.file, json.dumps(self.memo))
             self.dirty = False
 
 
@@ -288,7 +279,7 @@ class Store:
         text = json.dumps(manifest, indent=1, sort_keys=True)
         path = self.manifests / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
         if not path.is_file():
-            _write_atomic(path, text)
+            write_text_atomic(path, text)
         return path
 
 
@@ -669,6 +660,11 @@ class CachedData:
         return self.latents_of(rows).to(device), cond, uncond
 
 
+def cache_root(cache_dir: str) -> Path:
+    """``data.cache_dir``, or the shared ``$SOAR_LITE_HOME/cache`` when it is empty."""
+    return Path(cache_dir).expanduser() if cache_dir else home_dir() / "cache"
+
+
 def load_cache(manifest: str | Path, caption_dropout: float = 0.0, in_ram: str = "auto") -> CachedData:
     """Read the tensors a manifest written by :func:`prepare` names (no encoder, no model).
 
@@ -861,5 +857,5 @@ def usage(root: str | Path, older_than_days: float = 30.0, *, prune: bool = Fals
             if shard in present:
                 index.setdefault(shard, set()).add(key)
         lines = "".join(json.dumps({"shard": s, "keys": sorted(k)}) + "\n" for s, k in sorted(index.items()))
-        _write_atomic(store.root / "index.jsonl", lines)
+        write_text_atomic(store.root / "index.jsonl", lines)
     return result

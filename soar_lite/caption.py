@@ -10,7 +10,6 @@ captions what is still missing). Nothing is loaded when there is nothing to capt
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from soar_lite.data.captions import clean_caption
 from soar_lite.data.images import BadImage, decode_rgb
 from soar_lite.data.sources import list_records
 from soar_lite.errors import UserError
+from soar_lite.paths import write_text_atomic
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-large"
 # Florence-2 is steered by a task token instead of a text prefix
@@ -64,12 +64,6 @@ def _load(model: str, device: torch.device) -> tuple[object, torch.nn.Module]:
             "network the first time; a local folder works offline)"
         ) from None
     return processor, net.to(device).eval()
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -128,7 +122,7 @@ def caption_folder(
                     if not text:
                         report.failed.append((name, "the model returned an empty caption"))
                         continue
-                    _write(path, f"{prefix}{text}" if prefix else text)
+                    write_text_atomic(path, f"{prefix}{text}\n")
                     report.written.append(name)
             bar.update(len(chunk))
     finally:

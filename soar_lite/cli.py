@@ -25,19 +25,24 @@ def _default_output(args: argparse.Namespace) -> Path:
     return Path(args.output) if args.output else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
 
 
+def _check_vram(vram: float | None) -> None:
+    if vram is not None and vram <= 0:
+        raise UserError(f"--vram {vram:g}: the GPU's memory in GB, e.g. --vram 12")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate everything first (cheap), then train; prints where the LoRA file is."""
     preset, overrides = args.preset, _run_overrides(args)
-    if args.vram is not None and args.vram <= 0:
-        raise UserError(f"--vram {args.vram:g}: the GPU's memory in GB, e.g. --vram 12")
+    main_process = os.environ.get("RANK", "0") == "0"  # print once per run, not per process
+    _check_vram(args.vram)
     if preset == "auto" or args.vram is not None:
         from soar_lite.plan import fit
 
         preset, overrides, notes = fit(preset, overrides, args.vram)
-        if os.environ.get("RANK", "0") == "0":
+        if main_process:
             print("\n".join(notes))
     cfg = config.load_config(preset, overrides)
-    if args.vram is None and preset != "auto" and os.environ.get("RANK", "0") == "0":
+    if args.vram is None and preset != "auto" and main_process:
         from soar_lite.plan import fit_warning
 
         warning = fit_warning(cfg, preset, overrides)
@@ -48,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     folder = train(cfg, output, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     arms = ["sft", "soar"] if cfg.objective == "both" else [""]
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+    if main_process:
         for arm in arms:
             print(f"LoRA: {folder / arm / 'pytorch_lora_weights.safetensors'}")
     return 0
@@ -65,10 +70,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
         if args.older_than < 0:
             raise UserError(f"--older-than {args.older_than:g}: a number of days, 0 or more")
         from soar_lite import cache
-        from soar_lite.paths import home_dir
 
-        root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else home_dir() / "cache"
-        before = cache.usage(root, args.older_than, prune=args.prune)
+        before = cache.usage(cache.cache_root(cfg.data.cache_dir), args.older_than, prune=args.prune)
         print(before.summary())
         if args.prune:
             n, shards, freed = before.stale_manifests, before.prunable_shards, before.prunable_bytes / 1e9
@@ -122,8 +125,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = config.load_config(args.preset, args.overrides)
     model = args.model or cfg.model.path
-    if args.vram is not None and args.vram <= 0:
-        raise UserError(f"--vram {args.vram:g}: the GPU's memory in GB, e.g. --vram 12")
+    _check_vram(args.vram)
     tier = args.vram if args.vram is not None else tier_of(args.preset)
     result = plan(cfg, model, tier)
     print(result.render())

@@ -471,7 +471,9 @@ def disk_checks() -> list[Check]:
         error = f"cannot create {exc.filename} ({exc.strerror})"
         return [Check("soar-lite home", FAIL, error, "set SOAR_LITE_HOME to a writable folder")]
     checks = [_disk("soar-lite home", home, MIN_HOME_GB, "SOAR_LITE_HOME / data.cache_dir")]
-    checks.append(cache_check(home / "cache"))
+    from soar_lite.cache import cache_root
+
+    checks.append(cache_check(cache_root("")))
     with contextlib.suppress(ImportError):
         from huggingface_hub.constants import HF_HUB_CACHE
 

@@ -7,6 +7,7 @@ One function so that tests can redirect everything with one environment variable
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 
@@ -16,3 +17,13 @@ def home_dir() -> Path:
     path = Path(root).expanduser() if root else Path.home() / ".cache" / "soar-lite"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + fsync + rename: readers see old or new, never half."""
+    tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from soar_lite.ema import EMA_FILE, LoraEMA
 from soar_lite.errors import UserError
 from soar_lite.families.sd3 import SD3Family, model_settings
 from soar_lite.objective import Draws, LossReport, NoiseGrid, soar_loss
-from soar_lite.paths import home_dir
+from soar_lite.paths import write_text_atomic
 
 RUN_RECORD = "soar_lite_run.json"
 RUN_CONFIG = "config.yaml"  # the resolved settings: ``--preset RUN_FOLDER`` reruns them
@@ -129,7 +128,7 @@ def prepare_data(
                 encoder_offload=cfg.data.encoder_offload,
             )
 
-        root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else home_dir() / "cache"
+        root = cache.cache_root(cfg.data.cache_dir)
         result = cache.prepare(report.items, prompts, spec, root, load_encoders, progress=progress)
         if progress:
             print(result.summary() if report.skips else f"{report.summary()}\n{result.summary()}")
@@ -333,9 +332,7 @@ def trim_metrics(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by the kill
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(kept))
 
 
 class Logger:

@@ -85,7 +85,9 @@ def test_captions_only_what_is_missing_and_skips_damaged_images(tiny_blip, tmp_p
         text = (data / f"{name}.txt").read_text().strip()
         words = text.removeprefix("ohwx, ").split()
         assert text.startswith("ohwx, ") and 1 <= len(words) <= 6 and set(words) <= set(WORDS[5:])
-    assert not list(data.glob(".*.tmp-*"))  # no temp file left behind
+    assert sorted(p.name for p in data.iterdir()) == [  # no temp file left behind
+        "0.png", "0.txt", "1.png", "1.txt", "2.png", "2.txt", "broken.jpg"
+    ]  # fmt: skip
 
 
 def test_nothing_missing_loads_no_model_and_overwrite_recaptions(tiny_blip, tmp_path, monkeypatch):
