@@ -51,8 +51,17 @@ class NoiseGrid:
         return ((1.0 - t) * self.size).floor().long().clamp(0, self.size - 1)
 
     def index_of_sigma(self, sigma: Tensor) -> Tensor:
-        """Grid index of a continuous sigma: undo the shift to get t, then snap as for t."""
-        t = sigma / (self.shift - (self.shift - 1.0) * sigma)
+        """Grid index of a continuous sigma, by the reference's rule (SOAR.md step 6).
+
+        j = the first grid index whose sigma is <= ``sigma`` (a searchsorted on the negated, hence
+        ascending, grid), then t = 1 - j / N in float32, then snap t as in step 1. The float32 round
+        trip sends some points to j - 1; that is the reference's behaviour and the gradient follows
+        it. (Undoing the shift analytically would pick another grid point for most points.)
+        """
+        grid = -self.sigmas.to(sigma.device, torch.float32)
+        j = torch.searchsorted(grid, -sigma.to(torch.float32).contiguous(), side="left")
+        j = j.clamp(0, self.size - 1)
+        t = 1.0 - j.to(torch.float32) / self.size
         return self.index_of_time(t)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,20 @@ def run_soar(
 # ----------------------------------------------------------------------------- the plain reference
 
 
+def spec_snap_sigma(sigmas: list[float], s: float) -> int:
+    """SOAR.md step 6's grid index for a continuous s', in the page's words, written without torch.
+
+    j = the first index of the descending grid whose sigma is <= s', clamped to [0, N-1]; t' = 1 - j/N
+    as float32; then t' snaps as in step 1, with a float32 tensor's arithmetic.
+    """
+    n_grid = len(sigmas)
+    j = next((i for i, sigma in enumerate(sigmas) if sigma <= s), n_grid)
+    j = min(max(j, 0), n_grid - 1)
+    n32 = np.float32(n_grid)
+    t32 = np.float32(1.0) - np.float32(j) / n32
+    return min(max(math.floor(float((np.float32(1.0) - t32) * n32)), 0), n_grid - 1)
+
+
 def reference_soar(
     model: nn.Module,
     z0: Tensor,
@@ -243,7 +258,7 @@ def reference_soar(
     cfg: SoarConfig,
     draws: Draws,
     world_size: int = 1,
-    snap_sigma_by: str = "floor",
+    snap_sigma_by: str = "reference",
     continuous_target: bool = True,
 ) -> Tensor:
     """SOAR.md steps 1-7, sample by sample, in float64, sharing nothing with objective.py.
@@ -264,11 +279,10 @@ def reference_soar(
     def snap_time(t: float) -> int:
         return min(max(math.floor((1.0 - t) * n_grid), 0), n_grid - 1)
 
-    def snap_sigma(s: float) -> int:  # undo the shift s = shift t / (1 + (shift - 1) t), then snap t
-        t = s / (shift - (shift - 1.0) * s)
-        if snap_sigma_by == "round":
-            return min(max(round((1.0 - t) * n_grid), 0), n_grid - 1)
-        return snap_time(t)
+    def snap_sigma(s: float) -> int:
+        if snap_sigma_by == "analytic":  # negative control: undo s = shift t / (1 + (shift - 1) t), floor
+            return snap_time(s / (shift - (shift - 1.0) * s))
+        return spec_snap_sigma(sigmas, s)
 
     def weight(s: float) -> float:
         sigma = torch.tensor([s], dtype=torch.float64)
@@ -402,11 +416,12 @@ def test_matches_plain_reference(
     assert model.conv_in.weight.grad is None
 
 
-@pytest.mark.parametrize("mutation", ["round_snap", "snapped_target", "lambda_1"])
+@pytest.mark.parametrize("mutation", ["analytic_snap", "snapped_target", "lambda_1"])
 def test_reference_comparison_has_teeth(grid: NoiseGrid, mutation: str) -> None:
     """Negative control: small deliberate deviations from SOAR.md break the comparison above.
 
-    Snapping s' to the nearest grid cell instead of flooring t, using the snapped sigma instead of the
+    Snapping s' by undoing the shift analytically (soar-lite's rule before SOAR.md step 6 spelled out
+    the reference's), using the snapped sigma instead of the
     continuous s' in the target, or a wrong lambda all move the loss far outside the tolerance used.
     """
     cfg = SoarConfig(lambda_aux=0.7, num_rollout_paths=3, sde_rollout_type="cps")
@@ -415,8 +430,8 @@ def test_reference_comparison_has_teeth(grid: NoiseGrid, mutation: str) -> None:
     draws = pinned_draws(cfg, torch.float64)
     loss, grads, _ = run_soar(model, z0, cond, uncond, grid, cfg, False, draws=draws)
     zero_grads(model)
-    if mutation == "round_snap":
-        wrong = reference_soar(model, z0, cond, uncond, cfg, draws, snap_sigma_by="round")
+    if mutation == "analytic_snap":
+        wrong = reference_soar(model, z0, cond, uncond, cfg, draws, snap_sigma_by="analytic")
     elif mutation == "snapped_target":
         wrong = reference_soar(model, z0, cond, uncond, cfg, draws, continuous_target=False)
     else:
@@ -424,6 +439,33 @@ def test_reference_comparison_has_teeth(grid: NoiseGrid, mutation: str) -> None:
     wrong.backward()
     assert not torch.allclose(loss.double(), wrong.detach(), rtol=LOSS_RTOL, atol=0)
     assert not grads_close(grads, grads_of(model), rtol=GRAD_RTOL, scaled_atol=GRAD_SCALED_ATOL)
+
+
+def test_aux_grid_index_follows_step_6(grid: NoiseGrid) -> None:
+    """index_of_sigma picks SOAR.md step 6's grid point for every s', edges included.
+
+    The same draws also show why the rule matters: undoing the shift analytically and flooring (the
+    rule before step 6 spelled out the reference's) picks another point for most s'.
+    """
+    sigmas = [float(v) for v in make_scheduler().sigmas]
+    gen = torch.Generator().manual_seed(0)
+    edges = torch.tensor([1.0, 0.0, 1e-7, sigmas[0], sigmas[-1], *sigmas[::97]])  # ends, exact grid values
+    s_aux = torch.cat([torch.rand(4000, generator=gen), edges])
+    got = grid.index_of_sigma(s_aux).tolist()
+    expected = [spec_snap_sigma(sigmas, float(s)) for s in s_aux]
+    assert got == expected
+    j_direct = [
+        min(next((i for i, v in enumerate(sigmas) if v <= float(s)), len(sigmas)), len(sigmas) - 1)
+        for s in s_aux[:4000]
+    ]
+    moved = sum(a != b for a, b in zip(expected[:4000], j_direct, strict=True)) / 4000
+    assert 0.02 < moved < 0.2  # the float32 round trip sends some points to j - 1 (SOAR.md: ~8%)
+    shift, n_grid = 3.0, len(sigmas)
+    analytic = [
+        min(max(math.floor((1.0 - float(s) / (shift - (shift - 1.0) * float(s))) * n_grid), 0), n_grid - 1)
+        for s in s_aux[:4000]
+    ]
+    assert sum(a != b for a, b in zip(expected[:4000], analytic, strict=True)) / 4000 > 0.5
 
 
 @pytest.mark.parametrize("kind", SDE_TYPES)
