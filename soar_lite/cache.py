@@ -63,7 +63,6 @@ STORE_NAME = f"store-v{CACHE_VERSION}"
 ENCODE_BATCH = 16
 PIXEL_RECIPE = "exif-transpose/rgb-alpha-on-white/16bit-scaled/cover-bicubic/centre-crop/v1"
 TEXT_FIELDS = ("prompt_embeds", "pooled_prompt_embeds")
-TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 HUB_PATTERNS = ["model_index.json", "vae/*", "text_encoder*/*", "tokenizer*/*", "transformer/config.json"]
 _DIGEST_NAME = re.compile(r"^([0-9a-f]{40}|[0-9a-f]{64})$")
 
@@ -152,22 +151,19 @@ def _json(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is missing or not JSON: is this a diffusers SD3 pipeline folder?") from None
 
 
-def model_ids(model_path: str, fingerprints: Fingerprints) -> ModelIds:
-    """Fingerprint the VAE and the text side of an SD3 pipeline folder (or hub id) without loading it."""
+def model_ids(model_path: str, fingerprints: Fingerprints, family: str = "sd3") -> ModelIds:
+    """Fingerprint the VAE and the text side of a pipeline folder (or hub id) without loading it;
+    which folders make the text side, and the bucket multiple, are the family's (its layout)."""
+    from soar_lite.families import family_class
+
     folder = local_model_folder(model_path)
-    index = _json(folder / "model_index.json")
-    transformer = _json(folder / "transformer" / "config.json")
-    vae_config = _json(folder / "vae" / "config.json")
-    present = [p for p in TEXT_PARTS if (index.get(p) or [None])[0] is not None]
-    text = _key(
-        present,
-        [fingerprints.folder(folder / p) for p in present],
-        transformer.get("joint_attention_dim"),  # width of the zero "T5" tokens when T5 is absent
-    )
+    _json(folder / "model_index.json")
+    layout = family_class(family).read_layout(folder)
+    present = list(layout.text_parts)
+    text = _key(present, [fingerprints.folder(folder / p) for p in present], *layout.text_extra)
     vae = _key(fingerprints.folder(folder / "vae"))
     fingerprints.save()
-    scale = 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
-    return ModelIds(vae, text, scale * int(transformer.get("patch_size", 2)))
+    return ModelIds(vae, text, layout.multiple)
 
 
 # ---------------------------------------------------------------- the store
@@ -306,6 +302,7 @@ class CacheSpec:
     resolution: int = 512
     buckets: bool = True
     max_aspect: float = 2.5
+    family: str = "sd3"  # which family reads the folder (text parts, bucket multiple)
 
 
 def image_key(item: Item, size: tuple[int, int], ids: ModelIds, dtype: str) -> str:
@@ -356,7 +353,7 @@ def prepare(
     manifest. Encoders are loaded (by ``load_encoders``) only if something is missing, and only the
     side that is missing; images that fail to decode are skipped before anything loads."""
     store = Store(Path(root).expanduser() / STORE_NAME)
-    ids = model_ids(spec.model_path, Fingerprints(store.root / "fingerprints.json"))
+    ids = model_ids(spec.model_path, Fingerprints(store.root / "fingerprints.json"), spec.family)
     sizes = [
         bucket_for(
             it.width, it.height, spec.resolution, ids.multiple,

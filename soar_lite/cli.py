@@ -269,12 +269,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _add_sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="SD3/SD3.5 folder or hub id (default: the LoRA's base, else built-in)")
+    p.add_argument("--model", help="SD3/SD3.5 or FLUX.1 folder or hub id (default: the LoRA base)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file, one prompt per line")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2 (default 0)")
-    p.add_argument("--steps", type=int, default=28, help="sampler steps (default 28)")
-    p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5)")
+    p.add_argument("--steps", type=int, help="sampler steps (default: the family's, 28; FLUX.1-schnell 4)")
+    p.add_argument(
+        "--cfg", type=float,
+        help="guidance: CFG scale (SD3, default 4.5) or embedded guidance (FLUX.1-dev, default 3.5)",
+    )  # fmt: skip
     p.add_argument("--height", type=int, help="default: the model's own resolution, else 1024")
     p.add_argument("--width", type=int, help="default: the model's own resolution, else 1024")
     p.add_argument("--output", help="folder for the PNGs")

@@ -37,15 +37,15 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 class ModelConfig:
     """Which base model, and how it sits in memory (the frozen part of the run)."""
 
-    path: str = BUILTIN  # diffusers SD3/SD3.5 pipeline folder or hub id; "builtin" = the tiny toy base
-    family: str = "sd3"
+    path: str = BUILTIN  # diffusers SD3/SD3.5 or FLUX.1 pipeline folder or hub id; "builtin" = tiny toy
+    family: str = "auto"  # auto (from the folder's model_index.json) | sd3 | flux
     dtype: str = "float32"  # dtype of the frozen base weights
     quant: str = "none"
     gradient_checkpointing: bool = False
     max_sequence_length: int = 0  # T5 tokens; 0 = the model folder's soar_lite.json or 256
 
     def __post_init__(self) -> None:
-        _choice("model.family", self.family, ("sd3",))
+        _choice("model.family", self.family, ("auto", "sd3", "flux"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.quant", self.quant, ("none", "nf4", "int8", "torchao-int8", "torchao-fp8"))
         _positive("model.max_sequence_length", self.max_sequence_length, allow_zero=True)
@@ -133,8 +133,9 @@ class SoarConfig:
     num_rollout_paths: int = 1  # M: path 0 is the ODE step, 1..M-1 stochastic
     sde_rollout_type: str = "flow_sde"
     sde_noise_scale: float = 0.5
-    cfg_scale_sampling: float = 4.5
-    num_sampling_steps: int = 40
+    cfg_scale_sampling: float = 4.5  # two-pass CFG families (SD3) in the rollout
+    rollout_guidance: float = 3.5  # embedded-guidance families (FLUX.1-dev) in the rollout
+    num_sampling_steps: int = 40  # FLUX.1: 28 (dev) / 4 (schnell) unless set
     weighting_scheme: str = "logit_normal"
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -152,6 +153,7 @@ class SoarConfig:
         _choice("soar.sde_rollout_type", self.sde_rollout_type, ("simple", "sde", "flow_sde", "cps"))
         _positive("soar.sde_noise_scale", self.sde_noise_scale, allow_zero=True)
         _positive("soar.num_sampling_steps", self.num_sampling_steps)
+        _positive("soar.rollout_guidance", self.rollout_guidance, allow_zero=True)
         _choice("soar.weighting_scheme", self.weighting_scheme, ("logit_normal", "mode", "cosmap", "uniform"))
         _positive("soar.logit_std", self.logit_std)
         _positive("soar.aux_budget", self.aux_budget, allow_zero=True)
@@ -164,6 +166,20 @@ class SoarConfig:
             raise UserError(f"soar.probability={self.probability!r} must be in (0, 1]")
         if not 0.0 <= self.cond_dropout_rate <= 1.0:
             raise UserError(f"soar.cond_dropout_rate={self.cond_dropout_rate!r} must be in [0, 1]")
+
+
+@dataclass
+class FluxConfig:
+    """FLUX.1 only (ignored by other families)."""
+
+    guidance: float = 1.0  # embedded guidance of the trained passes (dev); 1.0 keeps the distillation
+    # training grid: scheduler = diffusers' FLUX LoRA script (FLUX.1's scheduler grid, unshifted at
+    # every size); resolution = the sampler's mu-shifted grid for each bucket's token count
+    train_shift: str = "scheduler"
+
+    def __post_init__(self) -> None:
+        _positive("flux.guidance", self.guidance, allow_zero=True)
+        _choice("flux.train_shift", self.train_shift, ("scheduler", "resolution"))
 
 
 @dataclass
@@ -232,6 +248,7 @@ class TrainConfig:
     soar: SoarConfig = field(default_factory=SoarConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    flux: FluxConfig = field(default_factory=FluxConfig)
 
     def __post_init__(self) -> None:
         _choice("objective", self.objective, ("sft", "soar", "both"))
@@ -256,6 +273,27 @@ class TrainConfig:
     def effective_lambda_aux(self) -> float:
         """``lambda_aux`` as the objective sees it: SFT is SOAR with lambda 0, bit for bit."""
         return 0.0 if self.objective == "sft" else self.soar.lambda_aux
+
+
+def with_family_defaults(cfg: TrainConfig, defaults: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
+    """``cfg`` with a family's defaults (dotted keys) in place of generic defaults left unchanged.
+
+    The generic defaults are SD3's; a family whose sampler differs (FLUX.1-schnell samples in 4 steps)
+    replaces only values still equal to the generic default, so anything a preset or the user set
+    stays. Returns the new config and what was replaced (for the run record)."""
+    fresh = config_to_dict(TrainConfig())
+    current = config_to_dict(cfg)
+    values: dict[str, Any] = {}
+    applied: dict[str, Any] = {}
+    for path in LEAVES:
+        section, _, name = path.rpartition(".")
+        now = current[section][name] if section else current[name]
+        values[path] = now
+        base = fresh[section][name] if section else fresh[name]
+        if path in defaults and now == base and defaults[path] != base:
+            values[path] = defaults[path]
+            applied[path] = defaults[path]
+    return _build(TrainConfig, values) if applied else cfg, applied
 
 
 # ---------------------------------------------------------------- flattening and overrides

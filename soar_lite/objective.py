@@ -8,7 +8,8 @@ about accelerate, processes, files or logging. Two exact optimisations over the 
   back-propagated (scaled by it) as soon as it is computed, and its graph freed: peak activation
   memory is one forward's for any K. Pass ``backward=`` to get this; without it the terms are summed
   into one loss with graph (the joint backward the reference does), and the gradients agree.
-* the main pass's output, detached, is the conditional half of the CFG rollout (no second pass).
+* the main pass's output, detached, is the conditional half of the CFG rollout (no second pass),
+  or the whole rollout velocity for families whose sampler makes one pass (:class:`Rollout`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,41 @@ class NoiseGrid:
         j = j.clamp(0, self.size - 1)
         t = 1.0 - j.to(torch.float32) / self.size
         return self.index_of_time(t)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """How step 4 gets the velocity the family's sampler follows (SOAR.md, "Families other than SD3").
+
+    ``cfg``: two-pass classifier-free guidance at ``scale`` with the empty prompt (SD3/SD3.5): the
+    conditional half is the main pass's output when ``cfg.reuse_main_pass``. ``single``: one pass
+    with the prompt; ``velocity`` is the sampler's own callable when it differs from the trained one
+    (FLUX.1-dev: embedded guidance 3.5 in the rollout, 1.0 in training), else ``None`` and the main
+    pass's output is the rollout velocity (FLUX.1-schnell; dev when both guidances agree).
+    """
+
+    mode: str = "cfg"
+    scale: float = 4.5
+    velocity: Velocity | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("cfg", "single"):
+            raise ValueError(f"unknown rollout mode {self.mode!r}")
+        if self.mode == "cfg" and self.velocity is not None:
+            raise ValueError("a cfg rollout uses the trained velocity; pass velocity only for mode 'single'")
+
+    def reuses_main_pass(self, cfg: SoarConfig) -> bool:
+        """Whether the main pass's output stands in for a rollout pass (exact: SOAR.md)."""
+        return cfg.reuse_main_pass and self.velocity is None
+
+    def describe(self, cfg: SoarConfig) -> str:
+        """One line for the run record: which passes the rollout made."""
+        if self.mode == "cfg":
+            half = "reused main pass" if self.reuses_main_pass(cfg) else "separate pass"
+            return f"two-pass CFG at {self.scale:g} (conditional half: {half})"
+        if self.velocity is not None:
+            return "one no-grad pass at the sampler's embedded guidance"
+        return "the main pass's output" if self.reuses_main_pass(cfg) else "one separate no-grad pass"
 
 
 @dataclass
@@ -219,10 +255,11 @@ def soar_loss(
     velocity: Velocity,
     z0: Tensor,
     cond: Cond,
-    uncond: Cond,
+    uncond: Cond | None,
     grid: NoiseGrid,
     cfg: SoarConfig,
     *,
+    rollout: Rollout | None = None,
     draws: Draws | None = None,
     generator: torch.Generator | None = None,
     backward: Backward | None = None,
@@ -231,10 +268,16 @@ def soar_loss(
 ) -> LossReport:
     """One SOAR step (SFT when ``cfg.lambda_aux == 0``). See the module docstring for ``backward``.
 
+    ``rollout`` says how step 4 imitates the sampler (default: two-pass CFG at
+    ``cfg.cfg_scale_sampling``, which needs ``uncond``); ``uncond`` may be None for a single-pass
+    rollout without conditional dropout.
     ``reduce_sum`` sums the two term counts over processes (one all-reduce, before any forward);
     the loss is multiplied by ``world_size`` to undo DDP's gradient averaging, as the reference does.
     """
+    rollout = rollout or Rollout("cfg", cfg.cfg_scale_sampling)
     draws = draws or Draws.sample(z0, cfg, grid, generator)
+    if uncond is None and (draws.drop_cond or (rollout.mode == "cfg" and cfg.lambda_aux > 0)):
+        raise ValueError("this step needs the empty-prompt embedding (uncond): CFG rollout or cond dropout")
     if draws.drop_cond:
         cond = uncond
     n_main, n_aux = count_terms(draws.t0, cfg)
@@ -264,11 +307,10 @@ def soar_loss(
     report = LossReport(torch.zeros((), device=z0.device), float(main.detach()), 0.0, n_main, n_aux, 1, 0)
     emit(main, last)
     if n_aux:
-        v_cond = v_main.detach() if cfg.reuse_main_pass else None
+        v_cond = v_main.detach() if rollout.reuses_main_pass(cfg) else None
         del v_main, main
-        _auxiliary_terms(
-            velocity, z0, zs0.detach(), v_cond, cond, uncond, draws, idx0, grid, cfg, emit, report
-        )
+        v_roll = _rollout(velocity, zs0.detach(), v_cond, cond, uncond, timesteps[idx0], rollout, report)
+        _auxiliary_terms(velocity, z0, zs0.detach(), v_roll, cond, draws, idx0, grid, cfg, emit, report)
     report.loss = torch.stack(terms).sum() if terms else report.loss
     if backward is not None:
         report.loss = torch.tensor((report.sum_main + cfg.lambda_aux * report.sum_aux) * scale)
@@ -280,29 +322,40 @@ def _rollout(
     zs0: Tensor,
     v_cond: Tensor | None,
     cond: Cond,
-    uncond: Cond,
+    uncond: Cond | None,
     t_model: Tensor,
-    cfg: SoarConfig,
+    rollout: Rollout,
     report: LossReport,
 ) -> Tensor:
-    """CFG velocity with the current (LoRA-on) weights, no graph: steps 4's on-policy prediction."""
+    """Step 4: the sampler's velocity with the current (LoRA-on) weights, no graph, in fp32.
+
+    ``v_cond`` is the main pass's detached output where it may stand in for a pass."""
     with torch.inference_mode():
+        if rollout.mode == "single":
+            if rollout.velocity is not None:
+                v_roll = rollout.velocity(zs0, t_model, cond).float()
+                report.nograd_forwards += 1
+            elif v_cond is not None:
+                v_roll = v_cond.float()
+            else:
+                v_roll = velocity(zs0, t_model, cond).float()
+                report.nograd_forwards += 1
+            return v_roll.clone()  # a normal tensor again, usable outside inference mode
         v_uncond = velocity(zs0, t_model, uncond)
         report.nograd_forwards += 1
         if v_cond is None:
             v_cond = velocity(zs0, t_model, cond)
             report.nograd_forwards += 1
-        v_cfg = v_uncond.float() + cfg.cfg_scale_sampling * (v_cond.float() - v_uncond.float())
-    return v_cfg.clone()  # a normal tensor again, usable outside inference mode
+        v_cfg = v_uncond.float() + rollout.scale * (v_cond.float() - v_uncond.float())
+    return v_cfg.clone()
 
 
 def _auxiliary_terms(
     velocity: Velocity,
     z0: Tensor,
     zs0: Tensor,
-    v_cond: Tensor | None,
+    v_cfg: Tensor,
     cond: Cond,
-    uncond: Cond,
     draws: Draws,
     idx0: Tensor,
     grid: NoiseGrid,
@@ -310,10 +363,10 @@ def _auxiliary_terms(
     emit: Callable[[Tensor, bool], None],
     report: LossReport,
 ) -> None:
-    """Steps 4-6: roll out one sampler step, re-noise K points along the same z1, correct back to z0."""
+    """Steps 5-6: one sampler step with the rollout velocity ``v_cfg``, K points re-noised along the
+    same z1, each corrected back to z0."""
     sigmas, timesteps = grid.sigmas.to(z0.device), grid.timesteps.to(z0.device)
     s0 = sigmas[idx0]
-    v_cfg = _rollout(velocity, zs0, v_cond, cond, uncond, timesteps[idx0], cfg, report)
     t1 = next_times(draws.t0.to(z0.device), cfg)
     s1 = sigmas[grid.index_of_time(t1)]
     ode = (zs0.float() + v_cfg * _bcast(s1 - s0, v_cfg)).to(z0.dtype)

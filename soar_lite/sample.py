@@ -27,10 +27,13 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
+from soar_lite import families
 from soar_lite.errors import UserError
-from soar_lite.families.sd3 import SD3Family, model_settings
+from soar_lite.families.base import ModelFamily
+from soar_lite.families.common import model_settings
 
 DEFAULT_SIZE = 1024
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 4.5  # SD3's; a family's own sampler defaults win (FLUX.1-schnell: 4, 0)
 GRID_FILE = "grid.png"
 
 
@@ -56,7 +59,7 @@ class CompareResult:
 class _Loaded:
     """A model ready to sample: denoiser on the device, prompts encoded, encoders already freed."""
 
-    family: SD3Family
+    family: ModelFamily
     model_path: str
     cond: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor]
@@ -66,6 +69,20 @@ class _Loaded:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sampler_defaults(model_path: str, steps: int | None, guidance: float | None) -> tuple[int, float]:
+    """``steps`` and guidance as given, else the family's own sampler defaults (SD3: 28 and CFG 4.5;
+    FLUX.1-dev: 28 and embedded guidance 3.5; schnell: 4 and 0)."""
+    name = families.detect_family(model_path)
+    defaults = families.family_class(name).family_defaults(model_path) if Path(model_path).exists() else {}
+    steps = steps if steps is not None else int(defaults.get("validation.steps", DEFAULT_STEPS))
+    guidance = (
+        guidance
+        if guidance is not None
+        else float(defaults.get("validation.guidance_scale", DEFAULT_GUIDANCE))
+    )
+    return steps, guidance
 
 
 def resolve_size(model_path: str, height: int | None, width: int | None) -> tuple[int, int]:
@@ -91,7 +108,10 @@ def load_for_sampling(
     device = device or default_device()
     dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model_path = resolve_model(model)
-    encoders = SD3Family.load(model_path, device=device, dtype=dtype, transformer=False, vae=False)
+    name = families.detect_family(model_path)
+    encoders = families.load_family(
+        name, model_path, device=device, dtype=dtype, transformer=False, vae=False
+    )
     height, width = resolve_size(model_path, height, width)
     multiple = encoders.resolution_multiple
     if height % multiple or width % multiple:
@@ -102,7 +122,7 @@ def load_for_sampling(
     uncond = encoders.encode_prompts([""])
     encoders.free_encoders()
     del encoders
-    family = SD3Family.load(model_path, device=device, dtype=dtype, text_encoders=False)
+    family = families.load_family(name, model_path, device=device, dtype=dtype, text_encoders=False)
     return _Loaded(family, model_path, cond, uncond, height, width)
 
 
@@ -210,18 +230,21 @@ def sample(
     *,
     loras: Sequence[tuple[str, float]] = (),
     seeds: Sequence[int] = (0,),
-    steps: int = 28,
-    guidance_scale: float = 4.5,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     output: Path | None = None,
     device: str | None = None,
     batch_size: int = 1,
 ) -> list[SampleResult]:
-    """Every prompt at every seed, with the LoRAs applied at their strengths; PNGs in ``output`` if given."""
+    """Every prompt at every seed, with the LoRAs applied at their strengths; PNGs in ``output`` if given.
+
+    ``steps`` / ``guidance_scale`` default to the family's sampler (see :func:`sampler_defaults`)."""
     jobs = _jobs(prompts, seeds)
     states = read_loras(loras)
     loaded = load_for_sampling(model, prompts, device=device, height=height, width=width)
+    steps, guidance_scale = sampler_defaults(loaded.model_path, steps, guidance_scale)
     attach_loras(loaded.family.transformer, states)
     images = render(loaded, jobs, steps=steps, guidance_scale=guidance_scale, batch_size=batch_size)
     results = []
@@ -254,8 +277,8 @@ def compare(
     prompts: list[str],
     seeds: list[int],
     *,
-    steps: int = 28,
-    guidance_scale: float = 4.5,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
     output: Path,
@@ -273,6 +296,7 @@ def compare(
     with_lora = {name: path for name, path in arms.items() if path is not None}
     states = read_loras([(path, 1.0) for path in with_lora.values()])
     loaded = load_for_sampling(model, prompts, device=device, height=height, width=width)
+    steps, guidance_scale = sampler_defaults(loaded.model_path, steps, guidance_scale)
     transformer = loaded.family.transformer
     adapters = dict(zip(with_lora, attach_loras(transformer, states), strict=True))
     output = Path(output)
@@ -388,12 +412,16 @@ def compare_arms(cfg: Any, output: Path, *, seeds: Sequence[int] | None = None) 
 
     Returns None (and writes nothing) when the run has no validation prompts (``validation.num_prompts=0``).
     """
+    from soar_lite.config import with_family_defaults
     from soar_lite.train import RUN_RECORD, resolve_resolution
 
     prompts = run_prompts(cfg)
     if not prompts:
         return None
     model_path = json.loads((output / "sft" / RUN_RECORD).read_text(encoding="utf-8"))["base_model"]
+    if Path(model_path).exists():
+        defaults = families.family_class(families.detect_family(model_path)).family_defaults(model_path)
+        cfg, _ = with_family_defaults(cfg, defaults)
 
     side = resolve_resolution(cfg, model_path)
     return compare(

@@ -21,13 +21,14 @@ import yaml
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from soar_lite import cache, checkpoint, lora
-from soar_lite.config import BUILTIN, SoarConfig, TrainConfig, config_to_dict
+from soar_lite import cache, checkpoint, families, lora
+from soar_lite.config import BUILTIN, SoarConfig, TrainConfig, config_to_dict, with_family_defaults
 from soar_lite.data import load_items
 from soar_lite.ema import EMA_FILE, LoraEMA
 from soar_lite.errors import UserError
-from soar_lite.families.sd3 import SD3Family, model_settings
-from soar_lite.objective import Draws, LossReport, NoiseGrid, soar_loss
+from soar_lite.families.base import ModelFamily
+from soar_lite.families.common import model_settings
+from soar_lite.objective import Draws, LossReport, Rollout, soar_loss
 from soar_lite.paths import write_text_atomic
 
 RUN_RECORD = "soar_lite_run.json"
@@ -40,10 +41,9 @@ class Run:
     """What the step needs besides the config: the live objects of one training run."""
 
     accelerator: Accelerator
-    family: SD3Family
+    family: ModelFamily
     model: torch.nn.Module  # the (possibly DDP-wrapped) LoRA transformer
     data: cache.CachedData
-    grid: NoiseGrid
     optimizer: Any
     scheduler: Any
     generator: torch.Generator
@@ -68,6 +68,22 @@ def resolve_model(path: str) -> str:
     from soar_lite.toy import ensure_tiny_base
 
     return str(ensure_tiny_base())
+
+
+def resolve_family(cfg: TrainConfig, model_path: str) -> tuple[str, TrainConfig, dict[str, Any]]:
+    """The run's family (``model.family``, auto-detected from the folder) and ``cfg`` with the
+    family's defaults in place of generic (SD3) defaults left unchanged; what was replaced."""
+    folder = cache.local_model_folder(model_path)
+    name = families.resolve_family(cfg.model.family, folder)
+    cfg, applied = with_family_defaults(cfg, families.family_class(name).family_defaults(folder))
+    return name, replace(cfg, model=replace(cfg.model, family=name)), applied
+
+
+def family_name(cfg: TrainConfig, model_path: str) -> str:
+    """``model.family`` with ``auto`` resolved from the folder (callers may pass an unresolved cfg)."""
+    if cfg.model.family != "auto":
+        return cfg.model.family
+    return families.resolve_family("auto", cache.local_model_folder(model_path))
 
 
 def resolve_resolution(cfg: TrainConfig, model_path: str) -> int:
@@ -113,11 +129,13 @@ def prepare_data(
         seq = cfg.model.max_sequence_length or int(model_settings(model_path).get("max_sequence_length", 256))
         resolution = resolve_resolution(cfg, model_path)
         spec = cache.CacheSpec(
-            model_path, cfg.model.dtype, seq, resolution, cfg.data.buckets, cfg.data.bucket_max_aspect
-        )
+            model_path, cfg.model.dtype, seq, resolution, cfg.data.buckets, cfg.data.bucket_max_aspect,
+            family_name(cfg, model_path),
+        )  # fmt: skip
 
-        def load_encoders(images: bool, texts: bool) -> SD3Family:
-            return SD3Family.load(
+        def load_encoders(images: bool, texts: bool) -> ModelFamily:
+            return families.load_family(
+                spec.family,
                 model_path,
                 device=accelerator.device,
                 dtype=cfg.model.dtype,
@@ -168,7 +186,8 @@ def build_scheduler(optimizer: Any, cfg: TrainConfig) -> Any:
 
 def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, accelerator: Accelerator) -> Run:
     """Transformer + LoRA + optimizer + schedule, prepared by accelerate (the schedule is ours to step)."""
-    family = SD3Family.load(
+    family = families.load_family(
+        family_name(cfg, model_path),
         model_path,
         device=accelerator.device,
         dtype=cfg.model.dtype,
@@ -176,6 +195,7 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
         max_sequence_length=cfg.model.max_sequence_length,
         text_encoders=False,
         vae=accelerator.is_main_process,
+        options=cfg.flux,
     )
     torch.manual_seed(cfg.seed)  # the adapter's initial weights
     params = lora.add_lora(family.transformer, cfg.lora)
@@ -197,9 +217,7 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
     # so a CPU generator gives every process, card and machine the same global draws.
     generator = torch.Generator().manual_seed(cfg.seed)
     ema = LoraEMA(params, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-    return Run(
-        accelerator, family, model, data, family.noise_grid(), optimizer, scheduler, generator, params, ema
-    )
+    return Run(accelerator, family, model, data, optimizer, scheduler, generator, params, ema)
 
 
 def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> LossReport:
@@ -207,6 +225,7 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
     acc, world, accum = run.accelerator, run.accelerator.num_processes, cfg.gradient_accumulation
     soar_cfg = step_objective(cfg, state.step, run.generator)
     velocity = _autocast(acc, run.family.velocity(run.model))
+    rollout = _rollout(acc, run.family.rollout(run.model, cfg))
     reduce_sum = (lambda t: acc.reduce(t, reduction="sum")) if world > 1 else None
     totals = LossReport(torch.zeros(()), 0.0, 0.0, 0, 0, 0, 0)
     for _ in range(accum):
@@ -214,7 +233,8 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
         drops = run.data.caption_drops(state.batches, cfg.batch_size * world, cfg.seed)
         mine = slice(acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size)
         z0_all = run.data.latents_of(rows)
-        draws = Draws.sample(z0_all, soar_cfg, run.grid, run.generator).select(mine, soar_cfg).to(acc.device)
+        grid = run.family.noise_grid(tuple(z0_all.shape[-2:]))  # a batch is one bucket: one grid
+        draws = Draws.sample(z0_all, soar_cfg, grid, run.generator).select(mine, soar_cfg).to(acc.device)
         z0, cond, uncond = run.data.batch(rows[mine], acc.device, drops[mine])
         # DDP decides at *forward* time whether a backward all-reduces, and processes may run different
         # numbers of terms (SDE paths keep a process-local number of samples): every forward and
@@ -225,8 +245,9 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
                 z0,
                 cond,
                 uncond,
-                run.grid,
+                grid,
                 soar_cfg,
+                rollout=rollout,
                 draws=draws,
                 backward=lambda term, is_last: acc.backward(term / accum),
                 reduce_sum=reduce_sum,
@@ -271,6 +292,13 @@ def step_objective(cfg: TrainConfig, step: int, generator: torch.Generator) -> S
     return replace(cfg.soar, lambda_aux=lam)
 
 
+def _rollout(acc: Accelerator, rollout: Rollout) -> Rollout:
+    """The family's rollout with its own velocity (if any) under the run's autocast too."""
+    if rollout.velocity is None:
+        return rollout
+    return replace(rollout, velocity=_autocast(acc, rollout.velocity))
+
+
 def _autocast(acc: Accelerator, velocity: Any) -> Any:
     def f(latents: torch.Tensor, timesteps: torch.Tensor, cond: Any) -> torch.Tensor:
         with acc.autocast():
@@ -292,7 +320,7 @@ def _accumulate(total: LossReport, report: LossReport) -> None:
 def validate(run: Run, cfg: TrainConfig, output: Path, step: int, resolution: int) -> list[Path]:
     """Sample the fixed validation prompts at the fixed seed with the current adapter."""
     data = run.data
-    if not data.validation_prompts or run.family.pipe.vae is None:
+    if not data.validation_prompts or not run.family.has_vae:
         return []
     model = run.accelerator.unwrap_model(run.model)
     gen = torch.Generator(device=run.accelerator.device).manual_seed(cfg.validation.seed)
@@ -426,6 +454,7 @@ def train(
     acc.wait_for_everyone()
     model_path = resolve_model(cfg.model.path) if acc.is_main_process else None
     model_path = _broadcast_str(acc, model_path)
+    _, cfg, family_defaults = resolve_family(cfg, model_path)
     data = prepare_data(cfg, model_path, output, acc, progress)
     if len(data) < cfg.batch_size:
         _warn_small(acc, len(data), cfg.batch_size)
@@ -440,7 +469,11 @@ def train(
     if resume and acc.is_main_process:
         trim_metrics(output / METRICS, state.step)
     logger = Logger(output, acc.is_main_process)
-    _write_record(output, cfg, model_path, state, "running", acc)
+    rollout = run.family.rollout(run.model, cfg)
+    notes = {"family": run.family.name, "variant": run.family.variant, "family_defaults": family_defaults,
+             "rollout": rollout.describe(cfg.soar) if cfg.effective_lambda_aux else "none (sft)",
+             "training_grid": run.family.grid_note}  # fmt: skip
+    _write_record(output, cfg, model_path, state, "running", acc, notes)
     bar = tqdm(
         total=cfg.steps,
         initial=state.step,
@@ -484,7 +517,7 @@ def train(
         logger.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
-        record = _write_record(output, cfg, model_path, state, "done", acc)
+        record = _write_record(output, cfg, model_path, state, "done", acc, notes)
         note = {
             "objective": cfg.objective,
             "base_model": record["base_model"],
@@ -569,6 +602,7 @@ def _write_record(
     state: checkpoint.TrainState,
     status: str,
     acc: Accelerator,
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON record next to the LoRA: config, base model, objective, steps, exactness notes."""
     import soar_lite
@@ -583,6 +617,7 @@ def _write_record(
         "steps": cfg.steps,
         "world_size": acc.num_processes,
         "rollout_conditional_half": "reused main pass" if cfg.soar.reuse_main_pass else "separate pass",
+        **(notes or {}),
         "lora_file": lora.LORA_FILE if status == "done" else None,
         "config": config_to_dict(cfg),
     }

@@ -9,8 +9,6 @@ the pipeline's own ``encode_prompt``, so cached embeddings are exactly what samp
 from __future__ import annotations
 
 import gc
-import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,17 +24,25 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 from transformers.utils import logging as transformers_logging
 
-from soar_lite import offload
 from soar_lite.errors import UserError
-from soar_lite.objective import Cond, NoiseGrid, Velocity
+from soar_lite.families.common import (
+    DTYPES,
+    FamilyLayout,
+    check_model_path,
+    load_transformer,
+    model_settings,
+    place_parts,
+    read_json,
+)
+from soar_lite.objective import Cond, NoiseGrid, Rollout, Velocity
 
 diffusers_logging.set_verbosity_error()  # loading bars per part drown the one bar that matters
 diffusers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 
-log = logging.getLogger("soar_lite.cache")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["SD3Family", "model_settings", "sd3_velocity"]
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
@@ -46,20 +52,6 @@ class _ConfigOnly(torch.nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
-
-
-def model_settings(path: str) -> dict[str, Any]:
-    """Settings a model folder carries for soar-lite (``soar_lite.json``: tiny default's sizes)."""
-    file = Path(path) / "soar_lite.json"
-    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-
-
-def _check_model_path(path: str) -> None:
-    folder = Path(path)
-    if folder.exists() and not (folder / "model_index.json").is_file():
-        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-    if not folder.exists() and path.count("/") != 1:
-        raise UserError(f"model {path!r} is neither a local folder nor a hub id like org/name")
 
 
 def sd3_velocity(transformer: torch.nn.Module) -> Velocity:
@@ -78,32 +70,14 @@ def sd3_velocity(transformer: torch.nn.Module) -> Velocity:
     return f
 
 
-def _place_parts(pipe: StableDiffusion3Pipeline, device: torch.device, encoder_offload: str) -> None:
-    """VAE onto ``device``; the text encoders as ``encoder_offload`` says (auto: by free memory)."""
-    encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
-    mode = encoder_offload
-    sizes = [offload.module_bytes(m) for m in encoders]
-    if mode == "auto":
-        budget = offload.free_device_bytes(device)  # read before the VAE moves, then its size taken off
-        if budget is not None and pipe.vae is not None:
-            budget -= offload.module_bytes(pipe.vae)
-        mode = offload.choose(sizes, budget)
-        if mode != "none":
-            log.warning(
-                "cache: the text encoders (%.1f GB) do not all fit the GPU's %.1f GB free: "
-                "encoder_offload=%s (%s)", sum(sizes) / 1e9, (budget or 0) / 1e9, mode,
-                "one encoder on the GPU at a time" if mode == "model" else "layers streamed through the GPU",
-            )  # fmt: skip
-    if pipe.vae is not None:
-        pipe.vae.to(device)
-    offload.place(encoders, mode, device)
-
-
 class SD3Family:
     """SD3/SD3.5 parts on one device. Build with :meth:`load`; missing parts are ``None``."""
 
     name = "sd3"
+    variant = "sd3"
     default_lora_targets = LORA_TARGETS
+    text_parts = TEXT_PARTS
+    grid_note = "the scheduler's static-shift grid (the same at every resolution)"
 
     def __init__(
         self,
@@ -120,6 +94,28 @@ class SD3Family:
         self.transformer = transformer
         self.resolution_multiple = pipe.vae_scale_factor * pipe.patch_size
 
+    # ------------------------------------------------------------------ without weights
+
+    @staticmethod
+    def read_layout(path: str | Path) -> FamilyLayout:
+        """What the cache and the planner need from a folder's configs, with nothing loaded."""
+        folder = Path(path)
+        index = read_json(folder / "model_index.json")
+        transformer = read_json(folder / "transformer" / "config.json")
+        vae = read_json(folder / "vae" / "config.json")
+        present = tuple(p for p in TEXT_PARTS if (index.get(p) or [None])[0] is not None)
+        scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        return FamilyLayout(
+            multiple=scale * int(transformer.get("patch_size", 2)),
+            text_parts=present,
+            text_extra=(transformer.get("joint_attention_dim"),),  # width of the zero "T5" tokens
+        )
+
+    @staticmethod
+    def family_defaults(path: str | Path) -> dict[str, Any]:
+        """The generic defaults are SD3's own: nothing to change."""
+        return {}
+
     @classmethod
     def load(
         cls,
@@ -133,14 +129,15 @@ class SD3Family:
         text_encoders: bool = True,
         vae: bool = True,
         encoder_offload: str = "auto",
+        options: Any = None,
     ) -> SD3Family:
         """Load the parts asked for from a pipeline folder or hub id (hub needs network).
 
         ``encoder_offload`` places the text encoders (see :mod:`soar_lite.offload`): ``auto``
-        keeps them all on the GPU only if they fit its free memory."""
+        keeps them all on the GPU only if they fit its free memory. ``options``: no SD3 settings."""
         from soar_lite import quant as quantization
 
-        _check_model_path(path)
+        check_model_path(path)
         quantization.check_backend(quant, device)
         torch_dtype = DTYPES[dtype]
         seq = max_sequence_length or int(model_settings(path).get("max_sequence_length", 256))
@@ -156,24 +153,14 @@ class SD3Family:
             pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype, **parts)
             model = None
             if transformer:
-                model = SD3Transformer2DModel.from_pretrained(
-                    path,
-                    subfolder="transformer",
-                    dtype=torch_dtype,
-                    quantization_config=quantization.diffusers_config(quant, torch_dtype, device),
-                )
-                model.requires_grad_(False)
+                model = load_transformer(SD3Transformer2DModel, path, torch_dtype, quant, device)
         except OSError as exc:
             raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
-        _place_parts(pipe, torch.device(device), encoder_offload)
+        encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
+        place_parts(pipe.vae, encoders, torch.device(device), encoder_offload)
         stub = _ConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
         pipe.transformer = stub
         pipe.patch_size = stub.config["patch_size"]
-        bnb_loaded_by_diffusers = quant in ("nf4", "int8") and torch.device(device).type == "cuda"
-        if model is not None and not bnb_loaded_by_diffusers:
-            if quant in ("nf4", "int8"):
-                quantization.quantize_bnb_linears(model, quant, torch_dtype)
-            model.to(device)
         return cls(path, torch.device(device), torch_dtype, seq, pipe, model)
 
     # ------------------------------------------------------------------ cache stage
@@ -212,11 +199,20 @@ class SD3Family:
 
     # ------------------------------------------------------------------ training and sampling
 
-    def velocity(self, transformer: torch.nn.Module) -> Velocity:
-        """The transformer as ``f(latents, timesteps, cond)``."""
+    @property
+    def has_vae(self) -> bool:
+        return self.pipe.vae is not None
+
+    def velocity(self, transformer: torch.nn.Module, guidance: float | None = None) -> Velocity:
+        """The transformer as ``f(latents, timesteps, cond)`` (SD3 has no guidance embedding)."""
         return sd3_velocity(transformer)
 
-    def noise_grid(self) -> NoiseGrid:
+    def rollout(self, transformer: torch.nn.Module, cfg: Any) -> Rollout:
+        """Two-pass CFG with the empty prompt at ``soar.cfg_scale_sampling`` (SOAR.md step 4)."""
+        return Rollout("cfg", cfg.soar.cfg_scale_sampling)
+
+    def noise_grid(self, latent_size: tuple[int, int] | None = None) -> NoiseGrid:
+        """The scheduler's static-shift grid (the same at every resolution)."""
         return NoiseGrid.from_scheduler(self.pipe.scheduler)
 
     def sampling_pipeline(self, transformer: torch.nn.Module) -> StableDiffusion3Pipeline:

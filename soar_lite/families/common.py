@@ -1,0 +1,94 @@
+"""What every family's loader shares: model-folder checks, the transformer load with quantization,
+placing the encoders, and the typed layout a folder's configs give without loading any weight."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from soar_lite import offload
+from soar_lite.errors import UserError
+
+log = logging.getLogger("soar_lite.cache")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """A model folder as the cache and the planner see it, read from its JSON configs only.
+
+    ``multiple``: image sides must be multiples of this (VAE factor x patch or packing);
+    ``text_parts``: the folders whose files decide the text embeddings (their content id);
+    ``text_extra``: config values that also change them (SD3's zero-T5 width when T5 is absent)."""
+
+    multiple: int
+    text_parts: tuple[str, ...]
+    text_extra: tuple[Any, ...] = ()
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"{path} is missing or not JSON: is this a diffusers pipeline folder?") from None
+
+
+def model_settings(path: str) -> dict[str, Any]:
+    """Settings a model folder carries for soar-lite (``soar_lite.json``: a tiny default's sizes)."""
+    file = Path(path) / "soar_lite.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
+def check_model_path(path: str) -> None:
+    folder = Path(path)
+    if folder.exists() and not (folder / "model_index.json").is_file():
+        raise UserError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    if not folder.exists() and path.count("/") != 1:
+        raise UserError(f"model {path!r} is neither a local folder nor a hub id like org/name")
+
+
+def load_transformer(cls: Any, path: str, dtype: torch.dtype, quant: str, device: torch.device | str) -> Any:
+    """The frozen denoiser, quantized as ``quant`` says, on ``device`` (the same path for every family)."""
+    from soar_lite import quant as quantization
+
+    model = cls.from_pretrained(
+        path,
+        subfolder="transformer",
+        dtype=dtype,
+        quantization_config=quantization.diffusers_config(quant, dtype, device),
+    )
+    model.requires_grad_(False)
+    bnb_loaded_by_diffusers = quant in ("nf4", "int8") and torch.device(device).type == "cuda"
+    if not bnb_loaded_by_diffusers:
+        if quant in ("nf4", "int8"):
+            quantization.quantize_bnb_linears(model, quant, dtype)
+        model.to(device)
+    return model
+
+
+def place_parts(
+    vae: Any, encoders: list[torch.nn.Module], device: torch.device, encoder_offload: str
+) -> None:
+    """VAE onto ``device``; the text encoders as ``encoder_offload`` says (auto: by free memory)."""
+    mode = encoder_offload
+    sizes = [offload.module_bytes(m) for m in encoders]
+    if mode == "auto":
+        budget = offload.free_device_bytes(device)  # read before the VAE moves, then its size taken off
+        if budget is not None and vae is not None:
+            budget -= offload.module_bytes(vae)
+        mode = offload.choose(sizes, budget)
+        if mode != "none":
+            log.warning(
+                "cache: the text encoders (%.1f GB) do not all fit the GPU's %.1f GB free: "
+                "encoder_offload=%s (%s)", sum(sizes) / 1e9, (budget or 0) / 1e9, mode,
+                "one encoder on the GPU at a time" if mode == "model" else "layers streamed through the GPU",
+            )  # fmt: skip
+    if vae is not None:
+        vae.to(device)
+    offload.place(encoders, mode, device)
