@@ -218,6 +218,13 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
             )
         if strength != 1.0:
             raise UserError("a DoRA LoRA's strength is not a weight scale: set it at load time")
+    if fmt == "kohya" and any(".single_transformer_blocks." in key for key in state):
+        raise UserError(
+            "this is a FLUX LoRA: kohya's FLUX names fuse q, k, v (and, in single blocks, the MLP input) "
+            "into one module, which needs block-diagonal factors of a larger rank; soar-lite does not "
+            "write that layout yet. Use the diffusers file itself: FluxPipeline.load_lora_weights and "
+            "ComfyUI's LoRA loader both read it (`--format comfyui` writes the same layout)"
+        )
     if fmt == "kohya":
         tensors = to_kohya(state, strength)
     else:
@@ -282,10 +289,10 @@ def merge_lora(
     """Write the base transformer with the LoRA(s) fused in, as a diffusers folder (``from_pretrained``-able).
 
     The merged weights keep the base's stored dtype. Load it with
-    ``SD3Transformer2DModel.from_pretrained(output)`` and pass it to the pipeline as ``transformer=``.
+    ``SD3Transformer2DModel.from_pretrained(output)`` (``FluxTransformer2DModel`` for FLUX.1) and pass
+    it to the pipeline as ``transformer=``.
     """
-    from diffusers import SD3Transformer2DModel
-
+    from soar_lite import families
     from soar_lite.train import resolve_model
 
     output = Path(output)
@@ -295,7 +302,8 @@ def merge_lora(
     folder = Path(model_path) / "transformer"
     dtype = _stored_dtype(folder) if folder.is_dir() else torch.float32
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(model_path, subfolder="transformer", dtype=dtype)
+        cls = families.family_class(families.detect_family(model_path)).transformer_class
+        transformer = cls.from_pretrained(model_path, subfolder="transformer", dtype=dtype)
     except OSError as exc:
         raise UserError(
             f"cannot load the transformer of {model_path!r}: {str(exc).splitlines()[0]}"

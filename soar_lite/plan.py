@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from soar_lite.config import BUILTIN, TrainConfig
+from soar_lite.config import BUILTIN, LoraConfig, TrainConfig
 from soar_lite.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent / "model_configs"
@@ -42,11 +42,20 @@ ALIASES = {
     "stabilityai/stable-diffusion-3.5-medium": "sd3.5-medium",
     "sd3.5-large": "sd3.5-large",
     "stabilityai/stable-diffusion-3.5-large": "sd3.5-large",
+    "flux.1-dev": "flux.1-dev",
+    "black-forest-labs/FLUX.1-dev": "flux.1-dev",
+    "flux.1-schnell": "flux.1-schnell",
+    "black-forest-labs/FLUX.1-schnell": "flux.1-schnell",
 }
 GIB = 2**30
 TOKEN_COEF_JOINT = 14.33  # saved values per token per hidden unit, one joint block, no checkpointing
 TOKEN_COEF_DUAL_IMAGE = 7.3  # extra per image token in a dual-attention (attn2) block
 DORA_FACTOR = 1.65  # a DoRA block keeps this many times a LoRA block's values (default targets)
+# FLUX.1 blocks, measured the same way on tiny FluxTransformer2DModels with a LoRA on the FLUX
+# targets (1 vs 2 blocks of each kind, 80 and 272 tokens: equal to 0.3 %): a double-stream block keeps
+# ~18.5 values per token per hidden unit, a single-stream block (attention + 4x MLP in parallel) ~12.3
+TOKEN_COEF_FLUX_DOUBLE = 18.5
+TOKEN_COEF_FLUX_SINGLE = 12.3
 CONST_COEF = 16  # per-sample, per-block values independent of tokens, in hidden-unit multiples
 ACTIVATION_MARGIN = 1.2
 CUDA_CONTEXT_GB = 0.6
@@ -63,6 +72,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # projections, the T5 v1.1 XXL encoder) and of its VAE: the same for Medium and Large.
 SD35_ENCODER_PARAMS = {"CLIP-L": 123.7e6, "CLIP-G": 695.0e6, "T5-XXL": 4762.3e6}
 SD35_VAE_PARAMS = 83.7e6
+# FLUX.1 (dev and schnell): CLIP-L text tower (no projection) and the T5 v1.1 XXL encoder; its VAE
+FLUX_ENCODER_PARAMS = {"CLIP-L": 123.1e6, "T5-XXL": 4762.3e6}
+FLUX_VAE_PARAMS = 83.8e6
 ENCODE_WORKSPACE_GB = 0.3  # activations of one chunk of prompts through T5-XXL
 STREAMED_LAYERS = 24  # sequential offload holds about one of T5-XXL's 24 blocks at a time
 PROCESS_RAM_GB = 1.5  # Python, torch and the libraries, before any weights
@@ -88,6 +100,8 @@ def transformer_config(model: str) -> dict[str, Any]:
 def encoder_params(model: str) -> tuple[dict[str, float], float]:
     """(text encoder parameter counts by name, VAE parameter count) of a model, without weights:
     public counts for SD3.5, safetensors headers for a local folder, the tiny base built in code."""
+    if model in ALIASES and ALIASES[model].startswith("flux"):
+        return dict(FLUX_ENCODER_PARAMS), FLUX_VAE_PARAMS
     if model in ALIASES:
         return dict(SD35_ENCODER_PARAMS), SD35_VAE_PARAMS
     if model == BUILTIN:
@@ -197,11 +211,12 @@ class Plan:
 
 def _count(config: dict[str, Any], targets: list[str], rank: int) -> tuple[int, int, int]:
     """(params in linears, other params, LoRA params) of the transformer built on the meta device."""
-    from diffusers import SD3Transformer2DModel
+    import diffusers
 
+    cls = getattr(diffusers, config.get("_class_name", "SD3Transformer2DModel"))
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device("meta"):
-        model = SD3Transformer2DModel(**kwargs)
+        model = cls(**kwargs)
     linear = other = lora = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
@@ -218,6 +233,8 @@ def activation_values(
     """Values (per sample) kept for backward by the transformer at ``resolution`` (see module doc).
     DoRA keeps the base and adapter outputs of every adapted linear apart: its blocks hold
     ``DORA_FACTOR`` times as much (measured like the other coefficients; re-checked by the tests)."""
+    if is_flux(config):
+        return _flux_activation_values(config, resolution, text_tokens, checkpointing, dora)
     image_tokens = (resolution // 8 // config["patch_size"]) ** 2
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     layers, dual = config["num_layers"], len(config.get("dual_attention_layers") or ())
@@ -230,15 +247,44 @@ def activation_values(
     return layers * full_block + dual * dual_extra
 
 
+def is_flux(config: dict[str, Any]) -> bool:
+    return config.get("_class_name") == "FluxTransformer2DModel" or "num_single_layers" in config
+
+
+def _flux_activation_values(
+    config: dict[str, Any], resolution: int, text_tokens: int, checkpointing: bool, dora: bool
+) -> float:
+    """FLUX.1: 2x2-packed image tokens (1/16 of the pixels per side) + T5 tokens through double- and
+    single-stream blocks (coefficients above); a checkpointed block keeps its input."""
+    image_tokens = (resolution // 16) ** 2
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    double, single = config["num_layers"], config["num_single_layers"]
+    tokens = image_tokens + text_tokens
+    factor = DORA_FACTOR if dora else 1.0
+    double_block = (TOKEN_COEF_FLUX_DOUBLE * tokens + CONST_COEF) * hidden * factor
+    single_block = (TOKEN_COEF_FLUX_SINGLE * tokens + CONST_COEF) * hidden * factor
+    if checkpointing:
+        return (double + single) * tokens * hidden + max(double_block, single_block)
+    return double * double_block + single * single_block
+
+
 def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     """The estimated peak of training ``cfg`` on ``model`` (a name, id or folder)."""
     config = transformer_config(model)
-    linear, other, lora = _count(config, list(cfg.lora.targets), cfg.lora.rank)
+    targets = list(cfg.lora.targets)
+    if is_flux(config) and targets == LoraConfig().targets:  # the generic default is SD3's
+        from soar_lite.families import family_class
+
+        targets = list(family_class("flux").default_lora_targets)
+    linear, other, lora = _count(config, targets, cfg.lora.rank)
     base_bytes = DTYPE_BYTES[cfg.model.dtype]
     per_linear = QUANT_BYTES[cfg.model.quant] or base_bytes
     optim_bytes = {"adamw8bit": 2, "adafactor": 1}.get(cfg.optim.optimizer, 8)  # adafactor: factored, ~0
-    seq = cfg.model.max_sequence_length or 256
-    text_tokens = 77 + seq if config.get("joint_attention_dim", 4096) >= 4096 else 10 + seq
+    if is_flux(config):  # T5 only in the sequence (CLIP-L gives the pooled vector); 512 as the pipeline
+        text_tokens = cfg.model.max_sequence_length or 512
+    else:
+        seq = cfg.model.max_sequence_length or 256
+        text_tokens = 77 + seq if config.get("joint_attention_dim", 4096) >= 4096 else 10 + seq
     resolution = cfg.data.resolution or 1024
     act_elem = 2 if cfg.mixed_precision in ("bf16", "fp16") or cfg.model.dtype != "float32" else 4
     acts = activation_values(
@@ -265,9 +311,23 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
 
 
 def tier_of(preset: str) -> float | None:
-    """``24gb`` -> 24.0; presets without a VRAM tier in their name -> None."""
-    name = Path(preset).stem
+    """``24gb`` / ``flux-24gb`` -> 24.0; presets without a VRAM tier in their name -> None."""
+    name = Path(preset).stem.rpartition("-")[2]
     return float(name[:-2]) if name.endswith("gb") and name[:-2].isdigit() else None
+
+
+def preset_family(preset: str) -> str:
+    """``flux-16gb`` -> flux; the unprefixed tiers are SD3's."""
+    stem = Path(preset).stem
+    return stem.partition("-")[0] if "-" in stem and tier_of(stem) is not None else "sd3"
+
+
+def model_family(model: str) -> str:
+    """The family of a model name, id or folder, from its transformer config (offline)."""
+    try:
+        return "flux" if is_flux(transformer_config(model)) else "sd3"
+    except UserError:
+        return "flux" if "flux" in model.lower() else "sd3"
 
 
 # Changes tried, in order, when a plan does not fit: each keeps the ones before it. The order is
@@ -337,7 +397,13 @@ def fit(preset: str, overrides: list[str], vram_gb: float | None) -> tuple[str, 
     vram = detected_vram_gb() if vram_gb is None else vram_gb
     notes: list[str] = []
     if preset == "auto":
-        tiers = sorted((tier_of(name), name) for name in preset_names() if tier_of(name) is not None)
+        model = next((o.partition("=")[2] for o in reversed(overrides) if o.startswith("model.path=")), "")
+        family = model_family(model) if model else "sd3"
+        tiers = sorted(
+            (tier_of(name), name)
+            for name in preset_names()
+            if tier_of(name) is not None and preset_family(name) == family
+        )
         below = [name for tier, name in tiers if tier <= vram]
         preset = below[-1] if below else tiers[0][1]
         notes.append(f"--preset auto: a {vram:g} GB GPU -> preset {preset}")

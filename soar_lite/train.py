@@ -520,6 +520,7 @@ def train(
         record = _write_record(output, cfg, model_path, state, "done", acc, notes)
         note = {
             "objective": cfg.objective,
+            "family": run.family.name,
             "base_model": record["base_model"],
             "base_quant": cfg.model.quant,  # a LoRA trained on a quantized base may want another strength
             "base_dtype": cfg.model.dtype,

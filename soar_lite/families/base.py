@@ -30,6 +30,7 @@ class ModelFamily(Protocol):
     text_parts: Sequence[str]  # folders whose files decide the text embeddings
     resolution_multiple: int  # image sides must be multiples of this (VAE factor x patch/packing)
     grid_note: str  # which training grid, in words, for the run record
+    transformer_class: type  # the diffusers denoiser class (merge loads and saves it)
 
     @staticmethod
     def read_layout(path: str | Path) -> FamilyLayout:

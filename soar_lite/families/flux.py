@@ -123,6 +123,7 @@ class FluxFamily:
     name = "flux"
     default_lora_targets = LORA_TARGETS
     text_parts = TEXT_PARTS
+    transformer_class = FluxTransformer2DModel
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, max_sequence_length: int,
                  pipe: FluxPipeline, transformer: torch.nn.Module | None, options: Any) -> None:  # fmt: skip
@@ -292,17 +293,22 @@ class FluxFamily:
         prompt: FLUX.1 samples without CFG, so ``uncond`` is unused)."""
         if self.pipe.vae is None:
             raise RuntimeError("the VAE was not loaded: sampling needs it to decode")
-        dtype = next(p.dtype for p in transformer.parameters() if p.is_floating_point())
+        dtype = self.dtype  # the base's (the VAE's too): the fp32 adapter casts its own inputs
         pipe = self.sampling_pipeline(transformer)
         pipe.set_progress_bar_config(disable=True)
         embeds = cond["prompt_embeds"]
-        out = pipe(
+        packed = pipe(
             prompt_embeds=embeds.to(self.device, dtype),
             pooled_prompt_embeds=cond["pooled_prompt_embeds"].to(self.device, dtype),
             height=height, width=width, num_inference_steps=steps, guidance_scale=guidance_scale,
-            generator=generator, output_type="pil", max_sequence_length=embeds.shape[1],
-        )  # fmt: skip
-        return out.images
+            generator=generator, output_type="latent", max_sequence_length=embeds.shape[1],
+        ).images  # fmt: skip
+        # decoded here, cast to the VAE's dtype: FLUX's last norm can hand back fp32 latents
+        vae = self.pipe.vae
+        latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
 @lru_cache(maxsize=32)

@@ -77,6 +77,7 @@ class SD3Family:
     variant = "sd3"
     default_lora_targets = LORA_TARGETS
     text_parts = TEXT_PARTS
+    transformer_class = SD3Transformer2DModel
     grid_note = "the scheduler's static-shift grid (the same at every resolution)"
 
     def __init__(
