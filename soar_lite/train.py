@@ -454,8 +454,8 @@ def train(
     acc.wait_for_everyone()
     model_path = resolve_model(cfg.model.path) if acc.is_main_process else None
     model_path = _broadcast_str(acc, model_path)
-    _, cfg, family_defaults = resolve_family(cfg, model_path)
     data = prepare_data(cfg, model_path, output, acc, progress)
+    _, cfg, family_defaults = resolve_family(cfg, model_path)  # after the data checks: their errors first
     if len(data) < cfg.batch_size:
         _warn_small(acc, len(data), cfg.batch_size)
     run = build_run(cfg, model_path, data, acc)

@@ -45,7 +45,9 @@ def detect_family(path: str | Path) -> str:
             raise UserError(f"{folder}: {name} is not a supported family (supported: {', '.join(FAMILIES)})")
     if not folder.exists():  # a hub id: the name is all there is before a download
         return "flux" if "flux" in str(path).lower() else "sd3"
-    raise UserError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
+    raise UserError(
+        f"{folder} has no model_index.json: is this a diffusers SD3 pipeline folder? (or a FLUX.1 one)"
+    )
 
 
 def resolve_family(setting: str, path: str | Path) -> str:
