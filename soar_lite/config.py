@@ -218,6 +218,11 @@ class OptimConfig:
             )
         if self.loraplus_ratio != 0 and self.loraplus_ratio < 1:
             raise UserError(f"optim.loraplus_ratio={self.loraplus_ratio!r} must be 0 (off) or >= 1 (e.g. 16)")
+        if self.loraplus_ratio and self.optimizer == "prodigy":
+            raise UserError(
+                "optim.loraplus_ratio needs a second learning rate and Prodigy takes one for all parameters "
+                "(it raises otherwise): use optimizer=adamw or loraplus_ratio=0"
+            )
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.max_grad_norm", self.max_grad_norm, allow_zero=True)
         _choice(

@@ -238,3 +238,23 @@ def test_diffusers_refuses_the_file_as_the_readme_says(tiny_model_dir, tmp_path)
     path = save_lora(pipe.transformer, cfg, tmp_path, {})
     with pytest.raises(ValueError, match="contain `'lora'` substring"):
         load_tiny_pipeline(tiny_model_dir).load_lora_weights(str(path))
+
+
+def test_sampling_attaches_a_lokr_file_at_a_strength_and_switches_it_off(tmp_path):
+    """``sample`` / ``compare`` load LoKr/LoHa through peft (diffusers cannot): strength 0.5 gives the
+    base with half the update merged; ``disable_lora`` gives the base back."""
+    from soar_lite.sample import attach_loras
+
+    model, cfg = trained(CASES["lokr low-rank w2"], targets=ALL_TARGETS)
+    path = save_lora(model, cfg, tmp_path, {})
+    x = _inputs()
+    half = tiny_sd35_transformer()
+    export.merge_into(half, folded_state(model, cfg), strength=0.5)
+    live = tiny_sd35_transformer()
+    live.requires_grad_(False)
+    with torch.no_grad():
+        base = live(**x)[0]
+        assert attach_loras(live, [(path, 0.5)]) == ["lora0"]
+        torch.testing.assert_close(live(**x)[0], half(**x)[0], rtol=1e-4, atol=1e-5)
+        live.disable_lora()
+        torch.testing.assert_close(live(**x)[0], base)
