@@ -258,3 +258,24 @@ def test_sampling_attaches_a_lokr_file_at_a_strength_and_switches_it_off(tmp_pat
         torch.testing.assert_close(live(**x)[0], half(**x)[0], rtol=1e-4, atol=1e-5)
         live.disable_lora()
         torch.testing.assert_close(live(**x)[0], base)
+
+
+def test_merge_cli_path_writes_a_diffusers_transformer_with_the_lokr_fused_in(tiny_model_dir, tmp_path):
+    """What diffusers users do with a LoKr/LoHa file: ``soar-lite merge``, then ``from_pretrained``."""
+    from diffusers import SD3Transformer2DModel
+
+    from soar_lite.toy.tiny_sd3 import load_tiny_pipeline
+
+    model = load_tiny_pipeline(tiny_model_dir).transformer
+    model.requires_grad_(False)
+    cfg = LoraConfig(type="lokr", rank=2, alpha=5.0)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in add_lora(model, cfg):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    want = peft_merged(model)
+    path = save_lora(model, cfg, tmp_path / "run", {})
+    out = export.merge_lora(str(tiny_model_dir), [(path, 1.0)], tmp_path / "merged")
+    merged = SD3Transformer2DModel.from_pretrained(out)
+    for module, weight in want.items():
+        torch.testing.assert_close(merged.get_submodule(module).weight, weight, rtol=1e-5, atol=1e-6)
