@@ -47,8 +47,8 @@ def lycoris_config(cfg: LoraConfig, lora_config: Any) -> Any:
     """peft's LoKr/LoHa config for ``cfg``, on the modules the LoRA config ``lora_config`` targets.
 
     Taking targets and exclusions from the LoRA config keeps one place that decides them.
-    ``init_weights=True`` starts the update at zero (LoKr: ``w1 = 0``; LoHa: one ``w*_a``... = 0),
-    so step 0 is the base model, as with LoRA."""
+    ``init_weights=True`` starts the update at zero (LoKr: ``w1`` or ``w1_a`` = 0; LoHa:
+    ``hada_w2_b`` = 0), so step 0 is the base model, as with LoRA."""
     from peft import LoHaConfig, LoKrConfig
 
     common = {
