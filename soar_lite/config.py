@@ -20,6 +20,8 @@ from soar_lite.errors import UserError
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 BUILTIN = "builtin"
+ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -98,10 +100,16 @@ class DataConfig:
 class LoraConfig:
     """The trainable adapter. alpha/rank is folded into the saved weights, so loaders agree."""
 
-    rank: int = 16
+    # lora | dora | lokr | loha (peft's adapters). LoKr/LoHa files use LyCORIS keys: ComfyUI loads them,
+    # diffusers' load_lora_weights does not (merge them with `soar-lite merge`); see README
+    type: str = "lora"
+    rank: int = 16  # LoHa's update has rank up to rank**2: rank 8 spans what LoRA rank 64 does
     alpha: float = 16.0
     dropout: float = 0.0  # > 0 makes the main-pass reuse inexact: see soar.reuse_main_pass
-    use_dora: bool = False  # DoRA (weight-decomposed): loads in diffusers; no exact kohya/ComfyUI form
+    use_dora: bool = False  # same as type=dora (DoRA loads in diffusers; no exact kohya/ComfyUI form)
+    use_rslora: bool = False  # scale alpha/sqrt(rank) instead of alpha/rank (folded into the file)
+    lokr_factor: int = -1  # LoKr: the Kronecker factor's size (-1 = near the square root of each dim)
+    lokr_decompose_both: bool = False  # LoKr: low-rank the small factor too, not only the large one
     targets: list[str] = field(
         default_factory=lambda: [
             "to_q",
@@ -116,6 +124,23 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
+        _choice("lora.type", self.type, ADAPTER_TYPES)
+        if self.use_dora and self.type not in ("lora", "dora"):
+            raise UserError(f"lora.use_dora=true is DoRA: it cannot be combined with lora.type={self.type}")
+        if self.use_dora or self.type == "dora":  # one spelling for the rest of the code: both set
+            self.type, self.use_dora = "dora", True
+        if self.type in ("lokr", "loha"):
+            if self.use_rslora:
+                raise UserError(
+                    f"lora.use_rslora scales LoRA by alpha/sqrt(rank); lora.type={self.type} has no such "
+                    "rule in peft or ComfyUI: set lora.alpha instead"
+                )
+            if self.dropout > 0:
+                raise UserError(
+                    f"lora.dropout is LoRA's input dropout; peft's {self.type} has none: set lora.dropout=0"
+                )
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise UserError(f"lora.lokr_factor={self.lokr_factor!r} must be -1 (auto) or a positive size")
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha)
         if not 0.0 <= self.dropout < 1.0:
@@ -196,10 +221,24 @@ class OptimConfig:
     lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 0
     ema_decay: float = 0.0  # > 0 (e.g. 0.999): also write an EMA of the LoRA (..._ema.safetensors)
+    # LoRA+: lora_B matrices train at loraplus_ratio x lr (its authors suggest 16); 0 = off
+    loraplus_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("optim.optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
+        _choice("optim.optimizer", self.optimizer, OPTIMIZERS)
         _positive("optim.lr", self.lr)
+        if self.optimizer == "prodigy" and self.lr < 0.1:
+            raise UserError(
+                f"optimizer=prodigy estimates the step size itself and lr={self.lr:g} only scales it: "
+                "set lr=1.0 (its authors' setting)"
+            )
+        if self.loraplus_ratio != 0 and self.loraplus_ratio < 1:
+            raise UserError(f"optim.loraplus_ratio={self.loraplus_ratio!r} must be 0 (off) or >= 1 (e.g. 16)")
+        if self.loraplus_ratio and self.optimizer == "prodigy":
+            raise UserError(
+                "optim.loraplus_ratio needs a second learning rate and Prodigy takes one for all parameters "
+                "(it raises otherwise): use optimizer=adamw or loraplus_ratio=0"
+            )
         _positive("optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive("optim.max_grad_norm", self.max_grad_norm, allow_zero=True)
         _choice(
@@ -259,6 +298,11 @@ class TrainConfig:
         _positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("keep_checkpoints", self.keep_checkpoints)
         _positive("log_every", self.log_every)
+        if self.optim.loraplus_ratio and self.lora.type in ("lokr", "loha"):
+            raise UserError(
+                f"optim.loraplus_ratio speeds up LoRA's B matrices; lora.type={self.lora.type} has none: "
+                "use lora.type=lora or dora, or optim.loraplus_ratio=0"
+            )
         if self.soar.reuse_main_pass and self.lora.dropout > 0 and self.objective != "sft":
             raise UserError(
                 "lora.dropout > 0 makes soar.reuse_main_pass inexact: set soar.reuse_main_pass=false "

@@ -24,10 +24,18 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from soar_lite import adapters
 from soar_lite.errors import UserError
 from soar_lite.lora import LORA_FILE, atomic_save, read_lora
 
 KOHYA_PREFIX = "lora_unet_"
+KIND_NAMES = {"lokr": "LoKr", "loha": "LoHa"}
+LYCORIS_REFUSALS = {
+    "kohya": "this is a {kind} adapter: the SAI layout fuses q/k/v into one qkv weight and a {kind} of three "
+    "projections is not a {kind} of their stack; use --format comfyui (ComfyUI reads it per projection)",
+    "diffusers": "this is a {kind} adapter: diffusers' load_lora_weights reads only lora_A/lora_B keys; "
+    "fuse it into the base with `soar-lite merge` and load that transformer instead",
+}
 FORMATS = ("kohya", "comfyui", "diffusers")
 
 # SAI module (inside joint_blocks.<i>.) -> its diffusers module(s) (inside transformer_blocks.<i>.)
@@ -209,6 +217,9 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not valid; choose one of: {', '.join(FORMATS)}")
     state = read_any_lora(lora)
+    kind = adapters.kind_of(state)
+    if kind and fmt != "comfyui":
+        raise UserError(LYCORIS_REFUSALS[fmt].format(kind=KIND_NAMES[kind]))
     if any(".lora_magnitude_vector" in key for key in state):
         if fmt != "diffusers":
             raise UserError(
@@ -227,6 +238,8 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
         )
     if fmt == "kohya":
         tensors = to_kohya(state, strength)
+    elif kind:  # ComfyUI reads soar-lite's LyCORIS file as it is: only the strength to fold
+        tensors = adapters.scaled(state, strength)
     else:
         tensors = {k: v.float() * strength if ".lora_B." in k else v.float() for k, v in state.items()}
     output = Path(output)
@@ -248,7 +261,10 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
 
 
 def merge_into(transformer: torch.nn.Module, state: dict[str, Tensor], strength: float = 1.0) -> list[str]:
-    """``W <- W + strength * B @ A`` for every adapter, computed in fp32; returns the modules changed."""
+    """``W <- W + strength * B @ A`` for every adapter, computed in fp32; returns the modules changed.
+    A LoKr/LoHa file is fused by its own products (:func:`soar_lite.adapters.merge_into`)."""
+    if adapters.kind_of(state):
+        return adapters.merge_into(transformer, state, strength)
     changed = []
     for module_name, (a, b) in adapter_pairs(state).items():
         try:

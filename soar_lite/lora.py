@@ -4,11 +4,14 @@ The saved file holds ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` 
 ``lora_B`` already multiplied by alpha/rank and no ``.alpha`` keys and no LoRA-config metadata:
 diffusers' SD3 loader rejects ``.alpha`` keys and rescales by alpha/rank from metadata, ComfyUI
 applies scale 1 when there is no alpha, so folding the scale is the one layout both load the same.
+rsLoRA (alpha/sqrt(rank)) is folded the same way. LoKr and LoHa (``lora.type``) are peft's adapters
+too; their file is LyCORIS-keyed and described in :mod:`soar_lite.adapters`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +21,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from soar_lite import adapters
 from soar_lite.config import LoraConfig
 from soar_lite.errors import UserError
 
@@ -41,9 +45,12 @@ def add_lora(transformer: torch.nn.Module, cfg: LoraConfig) -> list[torch.nn.Par
         lora_dropout=cfg.dropout,
         init_lora_weights="gaussian",
         use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
         target_modules=list(cfg.targets),
         exclude_modules=dead or None,
     )
+    if cfg.type in adapters.LYCORIS_TYPES:  # LoKr / LoHa on the same modules
+        peft_cfg = adapters.lycoris_config(cfg, peft_cfg)
     try:
         transformer.add_adapter(peft_cfg)
     except ValueError as exc:
@@ -71,9 +78,17 @@ def restore_adapter(transformer: torch.nn.Module, state: dict[str, Tensor]) -> N
         raise UserError(f"checkpoint adapter does not match this model/config: {unexpected[:3]}")
 
 
+def lora_scale(cfg: LoraConfig) -> float:
+    """peft's LoRA scale: alpha/rank, or alpha/sqrt(rank) with rsLoRA (stable across ranks)."""
+    return cfg.alpha / (math.sqrt(cfg.rank) if cfg.use_rslora else cfg.rank)
+
+
 def folded_state(transformer: torch.nn.Module, cfg: LoraConfig) -> dict[str, Tensor]:
-    """Diffusers-layout weights with alpha/rank folded into ``lora_B`` (see module docstring)."""
-    scale = cfg.alpha / cfg.rank
+    """Diffusers-layout weights with the scale folded into ``lora_B`` (see module docstring);
+    LoKr/LoHa: LyCORIS keys, scale folded likewise (:mod:`soar_lite.adapters`)."""
+    if cfg.type in adapters.LYCORIS_TYPES:
+        return adapters.folded_state(adapter_state(transformer), cfg)
+    scale = lora_scale(cfg)
     out: dict[str, Tensor] = {}
     for key, value in adapter_state(transformer).items():
         value = value.float()
@@ -94,7 +109,8 @@ def save_lora(
     """``folder/pytorch_lora_weights.safetensors`` (folded, diffusers layout) with a small JSON note."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    meta = {"format": "pt", "soar_lite": json.dumps({"rank": cfg.rank, "scale_folded": True, **record})}
+    note = {"rank": cfg.rank, "type": cfg.type, "scale_folded": True, **record}
+    meta = {"format": "pt", "soar_lite": json.dumps(note)}
     atomic_save(folded_state(transformer, cfg), path, meta)
     return path
 

@@ -50,6 +50,7 @@ ALIASES = {
 GIB = 2**30
 TOKEN_COEF_JOINT = 14.33  # saved values per token per hidden unit, one joint block, no checkpointing
 TOKEN_COEF_DUAL_IMAGE = 7.3  # extra per image token in a dual-attention (attn2) block
+ADAPTER_NAMES = {"lora": "LoRA", "dora": "DoRA", "lokr": "LoKr", "loha": "LoHa"}
 DORA_FACTOR = 1.65  # a DoRA block keeps this many times a LoRA block's values (default targets)
 # FLUX.1 blocks, measured the same way on tiny FluxTransformer2DModels with a LoRA on the FLUX
 # targets (1 vs 2 blocks of each kind, 80 and 272 tokens: equal to 0.3 %): a double-stream block keeps
@@ -227,6 +228,37 @@ def _count(config: dict[str, Any], targets: list[str], rank: int) -> tuple[int, 
     return linear, other, lora
 
 
+def lycoris_counts(config: dict[str, Any], lora_cfg: LoraConfig) -> tuple[int, int, int]:
+    """(adapter parameters, delta values saved for backward, the most one block saves) of a LoKr/LoHa
+    adapter, counted by attaching peft's own adapter to the transformer built on the meta device.
+
+    peft's LoKr/LoHa forward builds each adapted weight's full update ``delta`` and applies it with
+    ``F.linear(x, delta)``; backward needs ``delta`` only where ``x`` needs a gradient, which is
+    every adapted linear except the first block's projections of its (frozen) input. These deltas
+    do not grow with batch or resolution; with gradient checkpointing one block's are alive at a
+    time. (Measured with the saved-tensor meter; re-checked by the tests.)"""
+    import diffusers
+
+    from soar_lite.lora import add_lora
+
+    cls = getattr(diffusers, config.get("_class_name", "SD3Transformer2DModel"))
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = cls(**kwargs)
+        model.requires_grad_(False)
+        params = sum(p.numel() for p in add_lora(model, lora_cfg))
+    first_inputs = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+    per_block: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "get_base_layer") or not hasattr(module, "r"):
+            continue
+        block = name.split(".")[1] if name.startswith("transformer_blocks.") else name
+        if block == "0" and name.endswith(first_inputs):
+            continue
+        per_block[block] = per_block.get(block, 0) + module.get_base_layer().weight.numel()
+    return params, sum(per_block.values()), max(per_block.values(), default=0)
+
+
 def activation_values(
     config: dict[str, Any], resolution: int, text_tokens: int, checkpointing: bool, dora: bool = False
 ) -> float:
@@ -279,7 +311,8 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     linear, other, lora = _count(config, targets, cfg.lora.rank)
     base_bytes = DTYPE_BYTES[cfg.model.dtype]
     per_linear = QUANT_BYTES[cfg.model.quant] or base_bytes
-    optim_bytes = {"adamw8bit": 2, "adafactor": 1}.get(cfg.optim.optimizer, 8)  # adafactor: factored, ~0
+    # adafactor: factored, ~0; prodigy: exp_avg, exp_avg_sq, s and the initial weights p0
+    optim_bytes = {"adamw8bit": 2, "adafactor": 1, "prodigy": 16}.get(cfg.optim.optimizer, 8)
     if is_flux(config):  # T5 only in the sequence (CLIP-L gives the pooled vector); 512 as the pipeline
         text_tokens = cfg.model.max_sequence_length or 512
     else:
@@ -291,7 +324,12 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
         config, resolution, text_tokens, cfg.model.gradient_checkpointing, cfg.lora.use_dora
     )
     latents = cfg.batch_size * 16 * (resolution // 8) ** 2 * 4
-    adapter = "DoRA" if cfg.lora.use_dora else "LoRA"
+    adapter = ADAPTER_NAMES[cfg.lora.type]
+    deltas = 0.0
+    if cfg.lora.type in ("lokr", "loha"):
+        lora, every, one_block = lycoris_counts(config, cfg.lora)
+        delta_bytes = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4  # autocast saves its bf16 copy
+        deltas = (one_block if cfg.model.gradient_checkpointing else every) * delta_bytes / GIB
     parts = {
         f"base weights ({cfg.model.quant}, {cfg.model.dtype})": (linear * per_linear + other * base_bytes)
         / GIB,
@@ -305,6 +343,7 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
         * ACTIVATION_MARGIN
         / GIB,
         "SOAR extras (per-term backward, any K)": 0.0 if cfg.effective_lambda_aux == 0 else 6 * latents / GIB,
+        **({f"{adapter} full-size updates kept for backward (any batch)": deltas} if deltas else {}),
         "CUDA context + VAE decoder": CUDA_CONTEXT_GB + VAE_DECODER_GB,
     }
     return Plan(model, parts, tier_gb, plan_cache_stage(model, cfg.model.dtype, tier_gb))

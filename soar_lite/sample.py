@@ -148,6 +148,7 @@ def attach_loras(
     prefix: str = "lora",
 ) -> list[str]:
     """Load each LoRA (file, run folder or tensors) as a named diffusers adapter; activate all at strength."""
+    from soar_lite import adapters
     from soar_lite.export import read_any_lora
 
     names = []
@@ -156,7 +157,10 @@ def attach_loras(
         state = lora if isinstance(lora, dict) else read_any_lora(lora)
         with warnings.catch_warnings():  # several adapters on one model is the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.load_lora_adapter(state, adapter_name=name, prefix="transformer")
+            if adapters.kind_of(state):  # LoKr / LoHa: diffusers' loader reads only LoRA keys
+                adapters.attach(transformer, state, name)
+            else:
+                transformer.load_lora_adapter(state, adapter_name=name, prefix="transformer")
         names.append(name)
     if names:
         transformer.set_adapters(names, [float(strength) for _, strength in loras])

@@ -155,10 +155,32 @@ def prepare_data(
     return cache.load_cache(manifest, caption_dropout=cfg.data.caption_dropout, in_ram=cfg.data.cache_in_ram)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Any:
-    """AdamW, bitsandbytes' 8-bit AdamW (runs on CPU too with bitsandbytes >= 0.45), or Adafactor
-    (factored second moments: the smallest optimizer state, at a fixed learning rate)."""
+def param_groups(transformer: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The adapter's parameters as optimizer groups: one, or with LoRA+ (``optim.loraplus_ratio``)
+    the ``lora_B`` matrices apart at ratio x lr (the schedule scales each group's lr alike).
+
+    The order of parameters is that of ``transformer.parameters()`` within each group, so the
+    optimizer's state lines up again on resume."""
+    named = [(name, p) for name, p in transformer.named_parameters() if p.requires_grad]
+    ratio = cfg.optim.loraplus_ratio
+    if not ratio:
+        return [{"params": [p for _, p in named]}]
+    b = [p for name, p in named if ".lora_B." in name]
+    rest = [p for name, p in named if ".lora_B." not in name]
+    return [{"params": rest}, {"params": b, "lr": cfg.optim.lr * ratio}]
+
+
+def build_optimizer(params: list[torch.nn.Parameter] | list[dict[str, Any]], cfg: TrainConfig) -> Any:
+    """AdamW, bitsandbytes' 8-bit AdamW (runs on CPU too with bitsandbytes >= 0.45), Adafactor
+    (factored second moments: the smallest optimizer state, at a fixed learning rate), or Prodigy
+    (estimates its own step size: lr 1.0, with the safeguard warm-up and bias correction its
+    authors recommend for diffusion LoRAs; four fp32 states per parameter)."""
     o = cfg.optim
+    if o.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay, eps=o.eps,
+                       decouple=True, use_bias_correction=True, safeguard_warmup=True)  # fmt: skip
     if o.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -201,7 +223,7 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
     params = lora.add_lora(family.transformer, cfg.lora)
     if cfg.model.gradient_checkpointing:
         family.transformer.enable_gradient_checkpointing()
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(param_groups(family.transformer, cfg), cfg)
     scheduler = build_scheduler(optimizer, cfg)
     if accelerator.num_processes > 1:
         # DDP broadcasts every parameter and buffer at wrap time: not the frozen (maybe quantized:

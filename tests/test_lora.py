@@ -110,3 +110,31 @@ def test_a_lora_trained_on_a_quantized_base_says_so_when_sampled(tmp_path, capsy
     read_loras([(str(path), 1.0)])
     err = capsys.readouterr().err
     assert (f"was trained on a {quant} base" in err) is noted
+
+
+def test_rslora_scale_alpha_over_sqrt_rank_is_folded_so_diffusers_reads_the_same_strength(
+    tiny_model_dir, tmp_path
+):
+    from soar_lite.toy.tiny_sd3 import load_tiny_pipeline
+
+    trained = load_tiny_pipeline(tiny_model_dir).transformer
+    cfg = LoraConfig(rank=4, alpha=12.0, use_rslora=True)  # rsLoRA scale 12 / 2 = 6, plain LoRA's 3
+    params = add_lora(trained, cfg)
+    assert trained.transformer_blocks[0].attn.to_q.scaling["default"] == 6.0
+    torch.manual_seed(0)
+    for p in params:
+        p.data.normal_(0, 0.05)
+    with torch.no_grad():
+        want = trained(**_inputs(trained))[0]
+    path = save_lora(trained, cfg, tmp_path, {})
+    pipe = load_tiny_pipeline(tiny_model_dir)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        got = pipe.transformer(**_inputs(pipe.transformer))[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    from safetensors.torch import load_file
+
+    module = "transformer.transformer_blocks.0.attn.to_q"
+    b = load_file(str(path))[f"{module}.lora_B.weight"]
+    raw = trained.transformer_blocks[0].attn.to_q.lora_B["default"].weight.detach()
+    torch.testing.assert_close(b, 6.0 * raw)

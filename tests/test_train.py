@@ -350,3 +350,76 @@ def test_dora_trains_loads_in_diffusers_exactly_and_refuses_lossy_exports(
             export.export_lora(out, fmt, tmp_path / f"x-{fmt}.safetensors")
     with pytest.raises(UserError, match="strength is not a weight scale"):
         export.export_lora(out, "diffusers", tmp_path / "x.safetensors", strength=0.5)
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lokr_and_loha_train_checkpoint_resume_and_ema_bit_for_bit(
+    kind, tiny_model_dir, tiny_data_dir, tmp_path
+):
+    from soar_lite.ema import EMA_FILE
+
+    knobs = {"steps": 4, "lora.type": kind, "lr": 1e-2, "ema_decay": 0.9, "checkpoint_every": 2,
+             "data.cache_dir": tmp_path / "cache"}  # fmt: skip
+    straight = run(tiny_model_dir, tiny_data_dir, tmp_path / "a", **knobs)
+    with ctrl_c_at(2), pytest.raises(UserError, match="interrupted at step 2"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "b", **knobs)
+    resumed = run(tiny_model_dir, tiny_data_dir, tmp_path / "b", resume="latest", **knobs)
+    for name in (LORA_FILE, EMA_FILE):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    weights = load_file(str(straight / LORA_FILE))
+    factor = {"lokr": ".lokr_w1", "loha": ".hada_w1_a"}[kind]
+    moved = [k for k in weights if k.endswith(factor)]
+    assert moved and any(weights[k].abs().max() > 0 for k in moved), "the adapter never moved"
+    assert all(float(v) == 4.0 for k, v in weights.items() if k.endswith(".alpha"))  # alpha = rank
+    assert not any("lora_A" in k for k in weights)
+
+
+def test_prodigy_resumes_bit_for_bit_with_its_step_size_estimate(tiny_model_dir, tiny_data_dir, tmp_path):
+    knobs = {"steps": 4, "optimizer": "prodigy", "lr": 1.0, "checkpoint_every": 2, "lr_scheduler": "cosine",
+             "warmup_steps": 1, "data.cache_dir": tmp_path / "cache"}  # fmt: skip
+    straight = load_file(str(run(tiny_model_dir, tiny_data_dir, tmp_path / "a", **knobs) / LORA_FILE))
+    with ctrl_c_at(2), pytest.raises(UserError, match="interrupted at step 2"):
+        run(tiny_model_dir, tiny_data_dir, tmp_path / "b", **knobs)
+    (group,) = torch.load(tmp_path / "a" / "checkpoints" / "step-000004" / "optimizer.pt")["param_groups"]
+    # Prodigy's own state (step count past the lr-0 warm-up step, its step-size estimate's running sums)
+    assert group["k"] == 3 and group["d_numerator"] > 0 and group["d0"] == 1e-6
+    assert group["use_bias_correction"] and group["safeguard_warmup"] and group["decouple"]
+    resumed = run(tiny_model_dir, tiny_data_dir, tmp_path / "b", resume="latest", **knobs)
+    again = load_file(str(resumed / LORA_FILE))
+    assert straight.keys() == again.keys() and all(torch.equal(straight[k], again[k]) for k in straight)
+    assert any(w.abs().max() > 0 for k, w in straight.items() if "lora_B" in k)
+
+
+def test_loraplus_run_keeps_b_at_ratio_x_lr_through_the_schedule(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "p", steps=2, loraplus_ratio=4, checkpoint_every=2,
+              lr_scheduler="linear")  # fmt: skip
+    groups = torch.load(out / "checkpoints" / "step-000002" / "optimizer.pt")["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [pytest.approx(1e-3), pytest.approx(4e-3)]
+    assert groups[1]["lr"] == pytest.approx(4 * groups[0]["lr"])
+
+
+def test_loraplus_groups_put_only_b_matrices_at_ratio_x_lr():
+    from soar_lite.lora import add_lora
+    from soar_lite.toy.tiny_sd3 import tiny_sd3_transformer
+
+    cfg = config.build_config({}, ["loraplus_ratio=16", "lr=2e-4", "use_dora=true"])
+    model = tiny_sd3_transformer(0)
+    model.requires_grad_(False)
+    params = add_lora(model, cfg.lora)
+    groups = train.param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert groups[1]["lr"] == pytest.approx(3.2e-3) and "lr" not in groups[0]
+    assert all(".lora_B." in names[id(p)] for p in groups[1]["params"])
+    assert not any(".lora_B." in names[id(p)] for p in groups[0]["params"])
+    assert any("magnitude" in names[id(p)] for p in groups[0]["params"])  # DoRA's magnitude: base lr
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(params)
+    opt = train.build_optimizer(groups, cfg)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(2e-4), pytest.approx(3.2e-3)]
+
+
+def test_prodigy_at_an_adamw_learning_rate_or_with_loraplus_is_refused():
+    with pytest.raises(UserError, match=r"set lr=1\.0"):
+        config.build_config({}, ["optimizer=prodigy"])
+    with pytest.raises(UserError, match="Prodigy takes one for all parameters"):
+        config.build_config({}, ["optimizer=prodigy", "lr=1", "loraplus_ratio=16"])
