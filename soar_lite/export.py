@@ -6,7 +6,9 @@ checkpoints instead, as kohya's sd-scripts writes it: ``lora_unet_<SAI module wi
 ``lora_down`` / ``lora_up`` / ``alpha``, one fused ``qkv`` projection per attention, and the
 adaptive norms whose output halves are ordered (shift, scale) where diffusers has (scale, shift).
 The mapping below is the inverse of diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers``
-(the tests check it against that function), so it covers SD3 and SD3.5 (``attn2``, qk-norm).
+(the tests check it against that function), so it covers SD3 and SD3.5 (``attn2``, qk-norm). FLUX.1
+gets kohya's FLUX names (BFL's ``double_blocks`` / ``single_blocks``) the same way: fused ``qkv``
+and, in the single blocks, ``linear1`` = q, k, v and the MLP input.
 
 Fusing q, k and v: with per-projection adapters (A_q, B_q), ... the fused adapter is
 ``down = [A_q; A_k; A_v]`` and ``up = blockdiag(B_q, B_k, B_v)``, so ``up @ down`` stacks
@@ -64,6 +66,30 @@ TOP_MODULES: dict[str, tuple[str, ...]] = {
     "final_layer.linear": ("proj_out",),
     "final_layer.adaLN_modulation.1": ("norm_out.linear",),
 }
+# FLUX.1: BFL module (inside double_blocks.<i>. / single_blocks.<i>.) -> its diffusers modules (inside
+# transformer_blocks.<i>. / single_transformer_blocks.<i>.), the inverse of diffusers'
+# convert_flux_transformer_checkpoint_to_diffusers; kohya names are lora_unet_<BFL module with _>.
+FLUX_DOUBLE: dict[str, tuple[str, ...]] = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn.proj": ("attn.to_out.0",),
+    "txt_attn.proj": ("attn.to_add_out",),
+    "img_mlp.0": ("ff.net.0.proj",),
+    "img_mlp.2": ("ff.net.2",),
+    "txt_mlp.0": ("ff_context.net.0.proj",),
+    "txt_mlp.2": ("ff_context.net.2",),
+    "img_mod.lin": ("norm1.linear",),
+    "txt_mod.lin": ("norm1_context.linear",),
+}
+# linear1 fuses q, k, v and the MLP input (4 x hidden rows); linear2 is the block's output projection
+FLUX_SINGLE: dict[str, tuple[str, ...]] = {
+    "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation.lin": ("norm.linear",),
+}
+FLUX_MLP_RATIO = 4
+_FLUX_DIFFUSERS = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_FLUX_KOHYA = re.compile(r"^(double_blocks|single_blocks)_(\d+)_(.+)$")
 _BLOCK_DIFFUSERS = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 _BLOCK_KOHYA = re.compile(r"^joint_blocks_(\d+)_(.+)$")
 
@@ -127,6 +153,102 @@ def adapter_pairs(state: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
     if not pairs:
         raise UserError("no lora_A / lora_B pairs in this file (is it a diffusers-layout LoRA?)")
     return pairs
+
+
+def is_flux_lora(state: dict[str, Tensor]) -> bool:
+    """A FLUX.1 LoRA (diffusers or kohya names): FLUX alone has single-stream blocks."""
+    return any(
+        ".single_transformer_blocks." in k or "single_blocks_" in k or "double_blocks_" in k for k in state
+    )
+
+
+def to_kohya_flux(state: dict[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
+    """diffusers FLUX layout -> kohya's FLUX layout (BFL names, fused qkv / linear1, ``alpha = rank``).
+
+    The fused adapters are exact (see the module docstring); linear1's MLP rows are zero unless
+    ``proj_mlp`` was adapted. Its row split is 3 x hidden + 4 x hidden (FLUX.1's MLP ratio)."""
+    fused: dict[str, dict[int, tuple[Tensor, Tensor]]] = {}
+    names: dict[str, tuple[str, ...]] = {}
+    for module, (a, b) in adapter_pairs(state).items():
+        match = _FLUX_DIFFUSERS.match(module)
+        table = FLUX_SINGLE if match and match[1] == "single_transformer_blocks" else FLUX_DOUBLE
+        kind = "single_blocks" if table is FLUX_SINGLE else "double_blocks"
+        found = [(bfl, parts) for bfl, parts in table.items() if match and match[3] in parts]
+        if not found:
+            raise UserError(f"LoRA module {module!r} has no kohya FLUX equivalent; cannot export it to kohya")
+        bfl, parts = found[0]
+        key = f"{kind}.{match[2]}.{bfl}"
+        fused.setdefault(key, {})[parts.index(match[3])] = (a.float(), b.float() * strength)
+        names[key] = parts
+    out: dict[str, Tensor] = {}
+    for key, parts in sorted(fused.items()):
+        down, up = _fuse_rows(parts, _flux_rows(names[key], parts))
+        name = KOHYA_PREFIX + key.replace(".", "_")
+        out[f"{name}.lora_down.weight"] = down
+        out[f"{name}.lora_up.weight"] = up
+        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out
+
+
+def _flux_rows(modules: tuple[str, ...], parts: dict[int, tuple[Tensor, Tensor]]) -> list[int]:
+    """Output rows of each slot of a fused FLUX module, from the adapters present."""
+    if len(modules) == 1:
+        return [next(iter(parts.values()))[1].shape[0]]
+    if len(modules) == 3:
+        rows = next(iter(parts.values()))[1].shape[0]
+        return [rows] * 3
+    # linear1: q, k, v of hidden rows each, then the MLP input of FLUX_MLP_RATIO x hidden
+    slot, (_, b) = next(iter(parts.items()))
+    hidden = b.shape[0] // FLUX_MLP_RATIO if slot == 3 else b.shape[0]
+    return [hidden, hidden, hidden, FLUX_MLP_RATIO * hidden]
+
+
+def _fuse_rows(parts: dict[int, tuple[Tensor, Tensor]], rows: list[int]) -> tuple[Tensor, Tensor]:
+    """Stacked downs and a block-diagonal up with ``rows[i]`` output rows for slot ``i``."""
+    ranks = [parts[i][0].shape[0] if i in parts else 0 for i in range(len(rows))]
+    down = torch.cat([parts[i][0] for i in range(len(rows)) if i in parts], dim=0)
+    up = torch.zeros(sum(rows), sum(ranks), dtype=down.dtype)
+    row = col = 0
+    for i, n in enumerate(rows):
+        if i in parts:
+            up[row : row + n, col : col + ranks[i]] = parts[i][1]
+            col += ranks[i]
+        row += n
+    return down, up
+
+
+def from_kohya_flux(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """kohya's FLUX layout -> diffusers layout (alpha/rank folded): each fused module's rows go to
+    its diffusers projections with the shared down; all-zero rows give no adapter."""
+    out: dict[str, Tensor] = {}
+    for key in state:
+        if not (key.startswith(KOHYA_PREFIX) and key.endswith(".lora_down.weight")):
+            continue
+        name = key[len(KOHYA_PREFIX) : -len(".lora_down.weight")]
+        match = _FLUX_KOHYA.match(name)
+        table = FLUX_SINGLE if match and match[1] == "single_blocks" else FLUX_DOUBLE
+        found = [(bfl, parts) for bfl, parts in table.items() if match and bfl.replace(".", "_") == match[3]]
+        if not found:
+            raise UserError(f"kohya LoRA module lora_unet_{name} is not a FLUX.1 block module this reads")
+        _, modules = found[0]
+        down = state[key].float()
+        up = state[f"{KOHYA_PREFIX}{name}.lora_up.weight"].float()
+        alpha = state.get(f"{KOHYA_PREFIX}{name}.alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        if len(modules) == 4:
+            hidden = up.shape[0] // (3 + FLUX_MLP_RATIO)
+            chunks = up.split([hidden, hidden, hidden, FLUX_MLP_RATIO * hidden], dim=0)
+        else:
+            chunks = up.chunk(len(modules), dim=0)
+        prefix = "single_transformer_blocks" if table is FLUX_SINGLE else "transformer_blocks"
+        for module, rows in zip(modules, chunks, strict=True):
+            if len(modules) > 1 and not rows.any():
+                continue
+            out[f"transformer.{prefix}.{match[2]}.{module}.lora_A.weight"] = down.clone()
+            out[f"transformer.{prefix}.{match[2]}.{module}.lora_B.weight"] = (rows * scale).contiguous()
+    if not out:
+        raise UserError("no lora_unet_*.lora_down.weight keys: not a kohya FLUX LoRA")
+    return out
 
 
 def to_kohya(state: dict[str, Tensor], strength: float = 1.0) -> dict[str, Tensor]:
@@ -198,7 +320,7 @@ def read_any_lora(path: str | Path) -> dict[str, Tensor]:
     """A LoRA file (or run folder) in the diffusers layout, converting a kohya/SAI file on the way."""
     state = read_lora(path)
     if any(k.startswith(KOHYA_PREFIX) for k in state):
-        return from_kohya(state)
+        return from_kohya_flux(state) if is_flux_lora(state) else from_kohya(state)
     if all(k.startswith("transformer.") for k in state):
         return state
     example = next(iter(state), "(empty file)")
@@ -229,15 +351,13 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
             )
         if strength != 1.0:
             raise UserError("a DoRA LoRA's strength is not a weight scale: set it at load time")
-    if fmt == "kohya" and any(".single_transformer_blocks." in key for key in state):
-        raise UserError(
-            "this is a FLUX LoRA: kohya's FLUX names fuse q, k, v (and, in single blocks, the MLP input) "
-            "into one module, which needs block-diagonal factors of a larger rank; soar-lite does not "
-            "write that layout yet. Use the diffusers file itself: FluxPipeline.load_lora_weights and "
-            "ComfyUI's LoRA loader both read it (`--format comfyui` writes the same layout)"
-        )
+    from soar_lite.lora import training_note
+
+    # which family: soar-lite's note says; else only FLUX has single-stream blocks (a double-block-only
+    # FLUX LoRA without a note reads as SD3: its module names are SD3's too)
+    flux = training_note(lora).get("family") == "flux" or is_flux_lora(state)
     if fmt == "kohya":
-        tensors = to_kohya(state, strength)
+        tensors = to_kohya_flux(state, strength) if flux else to_kohya(state, strength)
     elif kind:  # ComfyUI reads soar-lite's LyCORIS file as it is: only the strength to fold
         tensors = adapters.scaled(state, strength)
     else:
@@ -251,7 +371,9 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
     output.parent.mkdir(parents=True, exist_ok=True)
     note = {"source": str(lora), "format": fmt, "strength": strength}
     metadata = {"format": "pt", "soar_lite_export": json.dumps(note)}
-    if fmt == "kohya":
+    if fmt == "kohya" and flux:
+        metadata.update(ss_network_module="networks.lora_flux", ss_base_model_version="flux1")
+    elif fmt == "kohya":
         metadata.update(ss_network_module="networks.lora_sd3", ss_base_model_version="sd3")
     atomic_save(tensors, output, metadata)
     return output

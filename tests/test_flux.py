@@ -364,18 +364,110 @@ def test_flux_schnell_trains_with_its_own_sampler(flux_schnell, tiny_data_dir, t
     assert list((out / "samples").rglob("*.png"))  # the final validation sampled with schnell's settings
 
 
-def test_kohya_export_refuses_a_flux_lora_with_the_reason(tmp_path):
+def _random_flux_lora(
+    transformer, modules: list[str], rank: int = 3, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name in modules:
+        linear = transformer.get_submodule(name)
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=g)
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=g)
+    return state
+
+
+FLUX_LORA_MODULES = [
+    *(f"transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+      "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
+      "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")),
+    *(f"single_transformer_blocks.0.{m}" for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")),
+]  # fmt: skip
+
+
+def test_kohya_flux_export_matches_the_fused_bfl_layout():
+    """kohya's FLUX file, read as the format says (update = up @ down * alpha / rank on BFL's fused
+    modules: qkv = [q; k; v], single linear1 = [q; k; v; mlp_in]), applies exactly the diffusers
+    LoRA's per-projection updates; a single block without proj_mlp gets zero MLP rows."""
+    from soar_lite.export import from_kohya_flux, to_kohya_flux
+    from soar_lite.toy.tiny_flux import tiny_flux_transformer
+
+    model = tiny_flux_transformer(0, num_single_layers=2)
+    modules = [
+        *FLUX_LORA_MODULES,
+        "single_transformer_blocks.1.attn.to_q",
+        "single_transformer_blocks.1.attn.to_v",
+    ]
+    state = _random_flux_lora(model, modules)
+    kohya = to_kohya_flux(state, strength=0.5)
+
+    def delta(name: str) -> torch.Tensor:
+        return 0.5 * state[f"transformer.{name}.lora_B.weight"] @ state[f"transformer.{name}.lora_A.weight"]
+
+    def applied(name: str) -> torch.Tensor:
+        down, up = kohya[f"lora_unet_{name}.lora_down.weight"], kohya[f"lora_unet_{name}.lora_up.weight"]
+        return up @ down * float(kohya[f"lora_unet_{name}.alpha"]) / down.shape[0]
+
+    d = "transformer_blocks.0."
+    expected = {
+        "double_blocks_0_img_attn_qkv": torch.cat(
+            [delta(d + "attn.to_q"), delta(d + "attn.to_k"), delta(d + "attn.to_v")]
+        ),
+        "double_blocks_0_txt_attn_qkv": torch.cat(
+            [delta(d + "attn.add_q_proj"), delta(d + "attn.add_k_proj"), delta(d + "attn.add_v_proj")]
+        ),
+        "double_blocks_0_img_attn_proj": delta(d + "attn.to_out.0"),
+        "double_blocks_0_txt_attn_proj": delta(d + "attn.to_add_out"),
+        "double_blocks_0_img_mlp_0": delta(d + "ff.net.0.proj"),
+        "double_blocks_0_img_mlp_2": delta(d + "ff.net.2"),
+        "double_blocks_0_txt_mlp_0": delta(d + "ff_context.net.0.proj"),
+        "double_blocks_0_txt_mlp_2": delta(d + "ff_context.net.2"),
+    }
+    s0, s1 = "single_transformer_blocks.0.", "single_transformer_blocks.1."
+    hidden = model.config.num_attention_heads * model.config.attention_head_dim
+    expected["single_blocks_0_linear1"] = torch.cat(
+        [delta(s0 + "attn.to_q"), delta(s0 + "attn.to_k"), delta(s0 + "attn.to_v"), delta(s0 + "proj_mlp")]
+    )
+    zeros = torch.zeros(hidden, hidden)
+    expected["single_blocks_1_linear1"] = torch.cat(
+        [delta(s1 + "attn.to_q"), zeros, delta(s1 + "attn.to_v"), torch.zeros(4 * hidden, hidden)]
+    )
+    assert {k.split(".")[0].removeprefix("lora_unet_") for k in kohya} == set(expected)
+    for name, want in expected.items():
+        torch.testing.assert_close(applied(name), want, rtol=1e-5, atol=1e-5)
+    back = from_kohya_flux(kohya)  # and read back: every projection's update again, none invented
+    assert {k for k in back if k.endswith("lora_A.weight")} == {
+        f"transformer.{m}.lora_A.weight" for m in modules
+    }
+    for name in modules:
+        got = back[f"transformer.{name}.lora_B.weight"] @ back[f"transformer.{name}.lora_A.weight"]
+        torch.testing.assert_close(got, delta(name), rtol=1e-5, atol=1e-5)
+
+
+def test_kohya_flux_file_loads_in_diffusers_to_the_same_weights(flux_dev, tmp_path):
+    """diffusers' own kohya-FLUX converter (load_lora_weights) reads the exported file to W + B A.
+
+    Double blocks only: diffusers' converter hard-codes FLUX.1's real widths for single blocks'
+    linear1, which a tiny model cannot have (the layout test above covers them)."""
+    from diffusers import FluxPipeline
+
     from soar_lite.export import export_lora
     from soar_lite.lora import atomic_save
 
-    file = tmp_path / "pytorch_lora_weights.safetensors"
-    name = "transformer.single_transformer_blocks.0.attn.to_q"
-    atomic_save(
-        {f"{name}.lora_A.weight": torch.zeros(2, 4), f"{name}.lora_B.weight": torch.zeros(4, 2)}, file
-    )
-    with pytest.raises(config.UserError, match="FLUX LoRA"):
-        export_lora(file, "kohya", tmp_path / "out")
-    assert export_lora(file, "comfyui", tmp_path / "out").is_file()
+    pipe = FluxPipeline.from_pretrained(str(flux_dev))
+    modules = [m for m in FLUX_LORA_MODULES if m.startswith("transformer_blocks.")]
+    state = _random_flux_lora(pipe.transformer, modules, seed=1)
+    note = {"format": "pt", "soar_lite": json.dumps({"family": "flux"})}  # as save_lora writes it
+    atomic_save(state, tmp_path / "pytorch_lora_weights.safetensors", note)
+    kohya = export_lora(tmp_path, "kohya", tmp_path / "kohya.safetensors")
+    assert all(k.startswith("lora_unet_double_blocks_0_") for k in load_file(str(kohya)))
+    base = {m: pipe.transformer.get_submodule(m).weight.detach().clone() for m in modules}
+    pipe.load_lora_weights(str(kohya))
+    pipe.fuse_lora()
+    for m in modules:
+        delta = state[f"transformer.{m}.lora_B.weight"] @ state[f"transformer.{m}.lora_A.weight"]
+        torch.testing.assert_close(
+            pipe.transformer.get_submodule(m).base_layer.weight, base[m] + delta, rtol=1e-4, atol=1e-4
+        )
 
 
 @pytest.mark.slow
