@@ -50,7 +50,7 @@ PACKAGES: dict[str, str | None] = {
     "torchao": "quant=torchao-int8|torchao-fp8",
     "gradio": "`soar-lite app`",
 }
-MIN_RAM_GB = 16  # T5-XXL (~9.5 GB in 16-bit) loads into RAM to cache SD3.5 text embeddings
+MIN_RAM_GB = 16  # T5-XXL (~9.5 GB in 16-bit) loads into RAM to cache SD3.5 / FLUX.1 text embeddings
 MIN_HOME_GB = 5  # latent + text-embedding caches: ~3 MB per image at 1024 px with T5 embeddings
 MIN_HF_CACHE_GB = 30  # first SD3.5-Large download with its text encoders is ~28 GB (Medium ~16 GB)
 TORCH_INDEX = "https://download.pytorch.org/whl"
@@ -162,7 +162,7 @@ def cuda_check() -> Check:
         return Check("cuda", OK, detail, data=data)
     reason = " ".join(str(caught[-1].message).split())[:200] if caught else ""
     if not _nvidia_present():
-        advice = "fine for the cpu-tiny preset; SD3.5 presets need an NVIDIA GPU"
+        advice = "fine for the cpu-tiny preset; the SD3.5 and FLUX.1 presets need an NVIDIA GPU"
         return Check("cuda", WARN, "no NVIDIA GPU found: training runs on the CPU", advice, data)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
@@ -488,7 +488,7 @@ def preset_check(found: list[dict[str, Any]], quants: list[Check]) -> Check:
         detail = "no CUDA GPU: only the cpu-tiny preset trains at useful speed"
         return Check("presets", WARN, detail, "the GPU presets need an NVIDIA GPU", {"fits": ["cpu-tiny"]})
     from soar_lite import config
-    from soar_lite.plan import plan, tier_of
+    from soar_lite.plan import plan, preset_family, tier_of
 
     vram = found[0]["total_gb"]
     runs = {c.name.removeprefix("quant "): c.data.get("available", False) for c in quants}
@@ -509,11 +509,19 @@ def preset_check(found: list[dict[str, Any]], quants: list[Check]) -> Check:
     if not fits:
         advice = f"plan your own settings: soar-lite plan --preset 8gb quant=... (card: {vram:.1f} GiB)"
         return Check("presets", WARN, f"no GPU preset fits {vram:.1f} GiB: {', '.join(misses)}", advice, data)
-    tiered = [n for n, _ in fits if (tier_of(n) or 0) <= vram / 0.95]
-    best = max(tiered, key=lambda n: tier_of(n) or 0) if tiered else fits[0][0]
+    suggested: dict[str, str] = {}  # per family (SD3.5, FLUX.1): the largest tier that fits this card
+    for family in ("sd3", "flux"):
+        mine = [n for n, _ in fits if preset_family(n) == family]
+        tiered = [n for n in mine if (tier_of(n) or 0) <= vram / 0.95]
+        if mine:
+            suggested[family] = max(tiered, key=lambda n: tier_of(n) or 0) if tiered else mine[0]
+    best = suggested.get("sd3") or next(iter(suggested.values()))
     detail = f"fit {vram:.1f} GiB: {', '.join(f'{n} ({gb:.1f} GiB est.)' for n, gb in fits)}"
     detail += f"; too big or unavailable: {', '.join(misses)}" if misses else ""
-    return Check("presets", OK, f"{detail}; start with --preset {best}", data={**data, "suggested": best})
+    labels = {"sd3": "SD3.5", "flux": "FLUX.1"}
+    start = " or ".join(f"--preset {name} ({labels[family]})" for family, name in suggested.items())
+    data = {**data, "suggested": best, "suggested_by_family": suggested}
+    return Check("presets", OK, f"{detail}; start with {start}", data=data)
 
 
 def _needs(quant: str, optimizer: str) -> list[str]:

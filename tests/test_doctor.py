@@ -156,6 +156,8 @@ def test_presets_that_fit_a_12gb_card(monkeypatch):
     ready = [doctor.Check(f"quant {q}", doctor.OK, "", data={"available": True}) for q in doctor.QUANTS]
     check = doctor.preset_check(gpu, ready)
     assert check.status == "OK" and check.data["suggested"] == "12gb"
+    assert check.data["suggested_by_family"] == {"sd3": "12gb", "flux": "flux-12gb"}  # the planner: 8.2 GiB
+    assert "--preset 12gb (SD3.5) or --preset flux-12gb (FLUX.1)" in check.detail
     assert "48gb" in " ".join(check.data["does_not_fit"]) and "8gb" in check.data["fits"]
     no_bnb = [c if c.name not in ("quant nf4", "quant int8") else doctor.Check(c.name, doctor.FAIL, "",
               data={"available": False}) for c in ready]  # fmt: skip
