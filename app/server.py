@@ -11,6 +11,7 @@ import atexit
 import ipaddress
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -142,8 +143,14 @@ def serve(
     demo = build_app(opts.runs_dir, opts.limits, opts.allow, opts.max_runs)
     allowed = ", ".join(str(p) for p in opts.allow) or "none (--allow-folder DIR adds one)"
     print(f"soar-lite app: runs in {opts.runs_dir}; other server folders: {allowed}", flush=True)
+    # `docker stop` and process managers send SIGTERM: stop like Ctrl-C, so the cleanup below runs
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         demo.launch(**launch_kwargs(opts))
     finally:
         shutil.rmtree(uploads_tmp, ignore_errors=True)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
