@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,3 +143,12 @@ def test_mark_ended_changes_only_a_running_record(tmp_path):
     record = run_folder.read_record(tmp_path)
     assert (record["status"], record["reason"], record["steps_done"]) == ("failed", "disk full", 3)
     assert not run_folder.mark_ended(tmp_path, "stopped", "again")  # a failed record stays failed
+
+
+def test_every_promise_in_the_readme_names_a_test_that_exists():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What is guaranteed", 1)[1].split("\n## ", 1)[0]
+    cited = re.findall(r"\b(test_[a-z0-9_]+)\b(?!\.py)", section)  # test names, not test files
+    source = "".join(p.read_text(encoding="utf-8") for p in (REPO / "tests").glob("test_*.py"))
+    assert len(cited) >= 15
+    assert [name for name in cited if f"def {name}(" not in source] == []
