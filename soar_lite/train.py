@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -399,7 +400,7 @@ def train(
     holder); leftovers of killed writes are removed first; any error ends with the record saying
     ``failed`` (or ``stopped`` after Ctrl-C) and why."""
     output = Path(output)
-    main = PartialState().is_main_process
+    main = _global_rank() == 0
     lock = run_folder.RunLock(output) if main else None
     if lock is not None:
         lock.acquire()
@@ -423,6 +424,12 @@ def train(
             lock.release()
 
 
+def _global_rank() -> int:
+    """This process's rank from the launcher's environment: known before any process group exists
+    (on a CPU-only machine accelerate forms the group only when the Accelerator is built)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: bool, progress: bool) -> Path:
     if cfg.objective == "both":
         for arm in ("sft", "soar"):
@@ -444,7 +451,7 @@ def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: boo
             print(f"{output}: already complete ({cfg.steps} steps), nothing to resume")
         return output
     resume = resume_point(output, resume)
-    if resume is None and run_folder.holds_run(output) and progress and PartialState().is_main_process:
+    if resume is None and run_folder.holds_run(output) and progress and _global_rank() == 0:
         print(f"note: no complete checkpoint in {output} yet: the run starts again from step 0")
     acc = make_accelerator(cfg)
     if acc.is_main_process:
