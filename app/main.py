@@ -108,6 +108,8 @@ def import_upload(files: list[str] | None, runs_dir: Path, limits: uploads.Uploa
         paths = [Path(f).resolve() for f in files]
         if any(temp not in p.parents for p in paths):
             raise UserError("uploads are read only from the app's upload folder")
+        if not all(p.is_file() for p in paths):  # deleted once imported or refused: a second click
+            raise UserError("these uploads were imported or refused already: choose the files again")
         folder = uploads.new_dataset_dir(runs_dir)
         try:
             report = uploads.import_uploads(paths, folder, [p.name for p in paths], limits)

@@ -450,12 +450,13 @@ def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: boo
         if progress and PartialState().is_main_process:
             print(f"{output}: already complete ({cfg.steps} steps), nothing to resume")
         return output
-    resume = resume_point(output, resume)
-    if resume is None and run_folder.holds_run(output) and progress and _global_rank() == 0:
+    start = resume_point(output, resume)
+    if resume and start is None and progress and _global_rank() == 0:
         print(f"note: no complete checkpoint in {output} yet: the run starts again from step 0")
     acc = make_accelerator(cfg)
     if acc.is_main_process:
-        prepare_output(output, resume, overwrite, progress and not overwrite)
+        prepare_output(output, start, overwrite, progress and not overwrite and not resume)
+    resume = start
     acc.wait_for_everyone()
     model_path = resolve_model(cfg.model.path) if acc.is_main_process else None
     model_path = _broadcast_str(acc, model_path)
