@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from PIL import Image
 
 from app.charts import loss_chart
 from soar_lite import app_runs, config, uploads
+from soar_lite.app_guard import Roots
 from soar_lite.caption import DEFAULT_MODEL, caption_folder
 from soar_lite.config import BUILTIN
 from soar_lite.errors import UserError
@@ -29,7 +31,8 @@ from soar_lite.errors import UserError
 GALLERY_MAX = 48  # thumbnails shown per dataset (the table lists every image)
 THUMB = 192
 TICK_S = 2.0  # progress refresh while a run is live
-LIVE = ("running", "stopping")
+LIVE = ("queued", "running", "stopping")
+QUEUE_TICK_S = 2.0  # how often queued runs are checked for a free slot
 IMAGE_TYPES = [*uploads.IMAGE_EXTS, *uploads.DATA_EXTS, ".zip"]
 
 
@@ -85,18 +88,36 @@ def show_dataset(path: str) -> tuple[str, list, pd.DataFrame, str]:
     return "\n".join(lines), gallery, table, str(report.folder)
 
 
+def upload_folder() -> Path:
+    """Where Gradio keeps uploaded files (``serve`` points it at a folder of this app's own)."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
 @_ui
 def import_upload(files: list[str] | None, runs_dir: Path, limits: uploads.UploadLimits) -> tuple:
-    """Uploaded images/captions/zips -> a new dataset folder under RUNS/datasets (guarded), shown."""
+    """Uploaded images/captions/zips -> a new dataset folder under RUNS/datasets (guarded), shown.
+
+    Only Gradio's own upload copies are read (a request naming any other server file is refused),
+    and they are deleted once stored or refused: nothing uploaded lingers in the temp folder."""
     if not files:
         raise UserError("choose images with their .txt captions, or one .zip, first")
-    folder = uploads.new_dataset_dir(runs_dir)
+    temp = upload_folder()
     try:
-        paths = [Path(f) for f in files]
-        report = uploads.import_uploads(paths, folder, [p.name for p in paths], limits)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
+        paths = [Path(f).resolve() for f in files]
+        if any(temp not in p.parents for p in paths):
+            raise UserError("uploads are read only from the app's upload folder")
+        if not all(p.is_file() for p in paths):  # deleted once imported or refused: a second click
+            raise UserError("these uploads were imported or refused already: choose the files again")
+        folder = uploads.new_dataset_dir(runs_dir)
+        try:
+            report = uploads.import_uploads(paths, folder, [p.name for p in paths], limits)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+    finally:
+        uploads.discard_uploads(list(files), temp)
     text, gallery, table, path = show_dataset(str(folder))
     if report.ignored:
         text += "\n\nNot imported: " + "; ".join(report.ignored[:10])
@@ -104,19 +125,20 @@ def import_upload(files: list[str] | None, runs_dir: Path, limits: uploads.Uploa
 
 
 @_ui
-def use_server_folder(path: str) -> tuple:
-    """A dataset already on the server (any format the data stage reads)."""
+def use_server_folder(path: str, roots: Roots) -> tuple:
+    """A dataset already on the server (any format the data stage reads), inside the app's folders."""
     if not path.strip():
         raise UserError("type the path of a dataset folder on the server")
-    text, gallery, table, folder = show_dataset(path.strip())
+    text, gallery, table, folder = show_dataset(str(roots.confine(path, "dataset folder")))
     return text, gallery, table, folder, folder
 
 
 @_ui
-def save_captions(folder: str, table: pd.DataFrame) -> tuple:
+def save_captions(folder: str, table: pd.DataFrame, roots: Roots) -> tuple:
     """Write the edited captions as .txt files next to their images, then re-check the dataset."""
     if not folder:
         raise UserError("import or choose a dataset first")
+    folder = str(roots.confine(folder, "dataset folder"))
     edits = {str(r["image"]): str(r["caption"]) for _, r in table.iterrows() if str(r["caption"]).strip()}
     count = uploads.write_captions(folder, edits)
     text, gallery, new_table, _ = show_dataset(folder)
@@ -124,21 +146,24 @@ def save_captions(folder: str, table: pd.DataFrame) -> tuple:
 
 
 @_ui
-def caption_missing(folder: str, model: str) -> tuple:
+def caption_missing(folder: str, model: str, roots: Roots) -> tuple:
     """Auto-caption the images of the dataset in use that have no caption, then re-check it."""
     if not folder:
         raise UserError("import or choose a dataset first")
+    folder = str(roots.confine(folder, "dataset folder"))
+    model = (model or DEFAULT_MODEL).strip()
+    if not roots.allows_model(model):
+        raise UserError(f"captioning model {model!r} is outside the folders this app may use")
     report = caption_folder(folder, (model or DEFAULT_MODEL).strip(), progress=False)
     text, gallery, table, _ = show_dataset(folder)
     return f"{report.summary()}\n\n{text}", gallery, table
 
 
-def dataset_tab(runs_dir: Path, limits: uploads.UploadLimits, widgets: Widgets) -> None:
+def dataset_tab(runs_dir: Path, limits: uploads.UploadLimits, widgets: Widgets, roots: Roots) -> None:
     """Upload or point at a dataset; see the data stage's verdict; edit captions."""
     gr.Markdown(
         "Upload images with same-name `.txt` captions (or one `.zip` of them), or point at a dataset "
-        f"folder on the server. Limits: {limits.max_files} files, "
-        f"{limits.max_upload_bytes // uploads.MiB} MiB per upload."
+        f"folder on the server ({roots.describe()}). Limits: {limits.describe()}."
     )
     with gr.Row():
         with gr.Column():
@@ -165,10 +190,22 @@ def dataset_tab(runs_dir: Path, limits: uploads.UploadLimits, widgets: Widgets) 
         caption_model = gr.Textbox(DEFAULT_MODEL, label="Captioning model (hub id or folder)", scale=3)
         caption_btn = gr.Button("Caption images that have none", scale=1)
     outputs = [report, gallery, table, folder, widgets.data_path]
-    upload_btn.click(functools.partial(import_upload, runs_dir=runs_dir, limits=limits), [files], outputs)
-    folder_btn.click(use_server_folder, [server_path], outputs)
-    save_btn.click(save_captions, [folder, table], [report, gallery, table])
-    caption_btn.click(caption_missing, [folder, caption_model], [report, gallery, table])
+    upload = functools.partial(import_upload, runs_dir=runs_dir, limits=limits)
+    upload_btn.click(upload, [files], outputs, api_name="import_upload")
+    folder_btn.click(
+        functools.partial(use_server_folder, roots=roots),
+        [server_path],
+        outputs,
+        api_name="use_server_folder",
+    )
+    save_btn.click(
+        functools.partial(save_captions, roots=roots), [folder, table], [report, gallery, table],
+        api_name="save_captions",
+    )  # fmt: skip
+    caption_btn.click(
+        functools.partial(caption_missing, roots=roots), [folder, caption_model], [report, gallery, table],
+        api_name="caption_missing",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- train tab
@@ -214,9 +251,12 @@ def preset_fit(preset: str, model: str) -> str:
 
 
 @_ui
-def start(runs_dir: Path, *values: Any) -> tuple:
-    """Start a run from the form (validated first); show its command; switch the pickers to it."""
+def start(runs_dir: Path, roots: Roots, max_runs: int, *values: Any) -> tuple:
+    """Start (or queue) a run from the form, validated first and its path settings confined to the
+    app's folders; show its command; switch the pickers to it."""
     preset, model, data, objective, steps, rank, lr, lam, k, extra, name = values
+    if preset not in config.preset_names():
+        raise UserError(f"preset {preset!r}: pick one of the shipped presets")
     request = app_runs.TrainRequest(
         preset=preset,
         model=(model or BUILTIN).strip(),
@@ -230,7 +270,7 @@ def start(runs_dir: Path, *values: Any) -> tuple:
         extra=app_runs.parse_extra(extra),
         name=name or "",
     )
-    folder = app_runs.start_training(runs_dir, request)
+    folder = app_runs.start_training(runs_dir, request, max_runs, check=roots.check_settings)
     record = app_runs.read_json(folder / app_runs.APP_RECORD) or {}
     picks = _pickers(run_names(runs_dir), folder.name)
     return (folder.name, record.get("command", ""), *progress_view(folder), gr.Timer(active=True), *picks)
@@ -271,7 +311,7 @@ def stop(run: str | None, runs_dir: Path) -> str:
     return app_runs.stop_training(app_runs.resolve_run(runs_dir, run))
 
 
-def train_tab(runs_dir: Path, widgets: Widgets) -> tuple[gr.State, gr.Timer]:
+def train_tab(runs_dir: Path, widgets: Widgets, roots: Roots, max_runs: int) -> tuple[gr.State, gr.Timer]:
     """The form, start/stop and the live view; returns the page's current run and its refresh timer."""
     model0, steps0, rank0, lr0, lam0, k0 = preset_knobs("cpu-tiny")
     with gr.Row():
@@ -321,7 +361,10 @@ def train_tab(runs_dir: Path, widgets: Widgets) -> tuple[gr.State, gr.Timer]:
     form = [preset, model, widgets.data_path, objective, steps, rank, lr, lam, k, extra, name]
     live = [status, plot, samples, log]
     start_btn.click(
-        functools.partial(start, runs_dir), form, [run, command, *live, timer, *widgets.run_pickers]
+        functools.partial(start, runs_dir, roots, max_runs),
+        form,
+        [run, command, *live, timer, *widgets.run_pickers],
+        api_name="start",
     )
     timer.tick(functools.partial(refresh, runs_dir=runs_dir), [run], [*live, timer])
     stop_btn.click(functools.partial(stop, runs_dir=runs_dir), [run], [status])
@@ -380,9 +423,16 @@ def export_tab(runs_dir: Path, picker: gr.Dropdown) -> None:
 
 
 def runs_table(runs_dir: Path) -> pd.DataFrame:
-    """One row per run: name, state, objective, steps, when it was created."""
+    """One row per run: name, state (a queued run with its place in the queue), objective, steps, created."""
+    waiting = app_runs.queued_runs(runs_dir)
     rows = [
-        [r.name, r.state, r.objective, r.steps, time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created))]
+        [
+            r.name,
+            f"queued (#{waiting.index(r.folder) + 1})" if r.folder in waiting else r.state,
+            r.objective,
+            r.steps,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created)),
+        ]
         for r in app_runs.list_runs(runs_dir)
     ]
     return pd.DataFrame(rows, columns=["run", "state", "objective", "steps", "created"])
@@ -399,15 +449,15 @@ def show_run(run: str | None, runs_dir: Path) -> tuple:
 
 
 @_ui
-def resume(picked: str | None, runs_dir: Path) -> tuple:
+def resume(picked: str | None, runs_dir: Path, max_runs: int = 1) -> tuple:
     """Continue the picked run from its latest checkpoint; the Train tab's live view follows it."""
     folder = app_runs.resolve_run(runs_dir, picked or "")
-    message = app_runs.resume_training(folder)
+    message = app_runs.resume_training(folder, max_runs)
     return message, folder.name, gr.Timer(active=True), runs_table(runs_dir)
 
 
 def runs_tab(
-    runs_dir: Path, picker: gr.Dropdown, tab: gr.Tab, live_run: gr.State, timer: gr.Timer
+    runs_dir: Path, picker: gr.Dropdown, tab: gr.Tab, live_run: gr.State, timer: gr.Timer, max_runs: int = 1
 ) -> gr.Dataframe:
     """Every run in the runs dir (read from disk: an app restart loses nothing), one in detail;
     a stopped or failed run resumes from its latest checkpoint."""
@@ -432,7 +482,9 @@ def runs_tab(
         [picker, table],
     )
     resume_btn.click(
-        functools.partial(resume, runs_dir=runs_dir), [picker], [resume_status, live_run, timer, table]
+        functools.partial(resume, runs_dir=runs_dir, max_runs=max_runs),
+        [picker],
+        [resume_status, live_run, timer, table],
     )
     return table
 
@@ -454,11 +506,40 @@ def _picker(picker: gr.Dropdown, runs_dir: Path) -> None:
     again.click(lambda p: gr.Dropdown(choices=run_names(runs_dir), value=p), [picker], [picker])
 
 
-def build_app(runs_dir: str | Path = "runs", limits: uploads.UploadLimits | None = None) -> gr.Blocks:
-    """The whole app over one runs folder (runs and uploaded datasets live there, nowhere else)."""
+_PUMPS: set[Path] = set()
+
+
+def start_queue(runs_dir: Path, max_runs: int) -> None:
+    """Launch queued runs as slots free up, in the background, once per runs folder; queued runs
+    left by an earlier app process start too (the queue is on disk)."""
+    if runs_dir in _PUMPS:
+        return
+    _PUMPS.add(runs_dir)
+
+    def pump() -> None:
+        while True:
+            try:
+                app_runs.launch_queued(runs_dir, max_runs)
+            except Exception as exc:  # a bad folder must not end the queue for every other run
+                print(f"soar-lite app: queue: {exc}", flush=True)
+            time.sleep(QUEUE_TICK_S)
+
+    threading.Thread(target=pump, name="soar-lite-queue", daemon=True).start()
+
+
+def build_app(
+    runs_dir: str | Path = "runs",
+    limits: uploads.UploadLimits | None = None,
+    allow: tuple[str | Path, ...] | list[str | Path] = (),
+    max_runs: int = 1,
+) -> gr.Blocks:
+    """The whole app over one runs folder (runs and uploaded datasets live there) and the server
+    folders the operator allowed (``--allow-folder``); nothing else is read or written."""
     runs_dir = Path(runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
     limits = limits or uploads.UploadLimits()
+    roots = Roots.of(runs_dir, allow)
+    start_queue(runs_dir, max_runs)
     names = run_names(runs_dir)
     with gr.Blocks(title="soar-lite", analytics_enabled=False) as demo:
         # Shared between tabs: made first, rendered in their tab (events may name them before that).
@@ -477,9 +558,9 @@ def build_app(runs_dir: str | Path = "runs", limits: uploads.UploadLimits | None
         )
         with gr.Tabs():
             with gr.Tab("Dataset"):
-                dataset_tab(runs_dir, limits, widgets)
+                dataset_tab(runs_dir, limits, widgets, roots)
             with gr.Tab("Train"):
-                run, timer = train_tab(runs_dir, widgets)
+                run, timer = train_tab(runs_dir, widgets, roots, max_runs)
             with gr.Tab("Compare"):
                 _picker(compare_picker, runs_dir)
                 compare_tab(runs_dir, compare_picker)
@@ -487,6 +568,6 @@ def build_app(runs_dir: str | Path = "runs", limits: uploads.UploadLimits | None
                 _picker(export_picker, runs_dir)
                 export_tab(runs_dir, export_picker)
             with gr.Tab("Runs") as tab:
-                table = runs_tab(runs_dir, runs_picker, tab, run, timer)
+                table = runs_tab(runs_dir, runs_picker, tab, run, timer, max_runs)
         demo.load(functools.partial(on_load, runs_dir), None, [*widgets.run_pickers, table, run, timer])
     return demo

@@ -31,14 +31,11 @@ from soar_lite import config
 from soar_lite.config import BUILTIN
 from soar_lite.errors import UserError
 from soar_lite.paths import write_text_atomic
+from soar_lite.run_folder import ARMS, LORA_FILE, METRICS, RUN_RECORD, checkpoints, read_json
 from soar_lite.uploads import DATASETS
 
 APP_RECORD = "app_run.json"  # written by the app at launch: argv, command, resolved config, pid
 LOG_FILE = "train.log"  # the training process's stdout + stderr
-RUN_RECORD = "soar_lite_run.json"  # written by soar_lite.train (kept in sync by a test)
-METRICS = "metrics.jsonl"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-ARMS = ("sft", "soar")  # the sub-folders of an objective=both run, in training order
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 
 _PROCS: dict[Path, subprocess.Popen] = {}  # runs started by this app process (to poll and reap)
@@ -108,14 +105,6 @@ def display_command(argv: list[str]) -> str:
 # ---------------------------------------------------------------- records
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON file, or None when missing or half-written (the trainer may be writing it right now)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _write_app_record(folder: Path, record: dict[str, Any]) -> None:
     write_text_atomic(folder / APP_RECORD, json.dumps(record, indent=2))
 
@@ -166,11 +155,22 @@ def new_run_folder(runs_dir: Path, name: str = "") -> Path:
     return folder
 
 
-def start_training(runs_dir: Path, request: TrainRequest) -> Path:
-    """Validate, then launch ``python -m soar_lite.cli train ...`` in its own process; returns its folder."""
+def train_argv(request: TrainRequest, folder: Path) -> list[str]:
+    """The argument list that trains ``request`` into ``folder`` (no shell ever sees it)."""
+    return [sys.executable, "-m", "soar_lite.cli", *request.cli_args(folder)]
+
+
+def start_training(runs_dir: Path, request: TrainRequest, max_runs: int = 1, check: Any = None) -> Path:
+    """Validate, queue, and launch as soon as fewer than ``max_runs`` runs are training (one per
+    GPU by default: ten starts at once must not be ten trainers competing for one card).
+
+    The queue is the run folders themselves (``queued`` in ``app_run.json``), so a restarted app
+    finds every queued request again. ``check`` (the app's folder roots) vets path settings."""
     cfg = request.validate()
+    if check is not None:
+        check(cfg)
     folder = new_run_folder(runs_dir, request.name)
-    argv = [sys.executable, "-m", "soar_lite.cli", *request.cli_args(folder)]
+    argv = train_argv(request, folder)
     record = {
         "argv": argv,
         "command": display_command(argv),
@@ -180,10 +180,54 @@ def start_training(runs_dir: Path, request: TrainRequest) -> Path:
         "pid": None,
         "stop_requested": False,
         "exit_code": None,
+        "queued": time.time(),
     }
     _write_app_record(folder, record)
-    _launch(folder, argv)
+    launch_queued(runs_dir, max_runs)
     return folder
+
+
+_QUEUE_LOCK = threading.Lock()
+
+
+def queued_runs(runs_dir: Path) -> list[Path]:
+    """Run folders waiting for a free slot, first come first served."""
+    waiting = []
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    for folder in root.iterdir():
+        record = read_json(folder / APP_RECORD) if folder.name != DATASETS else None
+        if record and record.get("queued") and not is_alive(folder):
+            waiting.append((float(record["queued"]), folder.name, folder))
+    return [folder for *_, folder in sorted(waiting)]
+
+
+def live_runs(runs_dir: Path) -> list[Path]:
+    """Run folders whose training process is alive."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    return [f for f in root.iterdir() if f.name != DATASETS and (f / APP_RECORD).is_file() and is_alive(f)]
+
+
+def launch_queued(runs_dir: Path, max_runs: int = 1) -> list[Path]:
+    """Start queued runs while fewer than ``max_runs`` train (called on every start, resume and
+    app tick, and once when the app starts); returns those started now."""
+    started = []
+    with _QUEUE_LOCK:
+        free = max_runs - len(live_runs(runs_dir))
+        for folder in queued_runs(runs_dir)[: max(free, 0)]:
+            argv = list((read_json(folder / APP_RECORD) or {}).get("argv") or [])
+            _launch(folder, argv)
+            started.append(folder)
+    return started
+
+
+def queue_position(folder: Path) -> int | None:
+    """1 for the next run to start, None for a run that is not waiting."""
+    waiting = queued_runs(Path(folder).parent)
+    return waiting.index(Path(folder)) + 1 if Path(folder) in waiting else None
 
 
 def _launch(folder: Path, argv: list[str]) -> None:
@@ -199,17 +243,18 @@ def _launch(folder: Path, argv: list[str]) -> None:
             start_new_session=True,  # Ctrl-C in the app's terminal does not reach the run
         )
     _PROCS[folder] = proc
-    _update_app_record(folder, pid=proc.pid)
+    _update_app_record(folder, pid=proc.pid, queued=None)
 
 
-def resume_training(folder: Path) -> str:
+def resume_training(folder: Path, max_runs: int = 1) -> str:
     """Continue a stopped or failed run from its latest checkpoint, with the settings it started
-    with (a finished arm of an ``objective=both`` run is kept, an arm not started yet starts)."""
-    from soar_lite.checkpoint import checkpoints
-
+    with (a finished arm of an ``objective=both`` run is kept, an arm not started yet starts; a
+    run stopped before its first checkpoint starts again). It queues like a new run."""
     folder = Path(folder)
     if is_alive(folder):
         raise UserError(f"{folder.name} is still running")
+    if queue_position(folder) is not None:
+        raise UserError(f"{folder.name} is queued already")
     if run_state(folder) == "done":
         raise UserError(f"{folder.name} is complete: nothing to resume")
     record = read_json(folder / APP_RECORD) or {}
@@ -220,17 +265,22 @@ def resume_training(folder: Path) -> str:
             f"run `soar-lite train --preset {folder} --output {folder} --resume latest`"
         )
     saved = [folder, *(folder / arm for arm in ARMS)]
-    if not any(checkpoints(path / "checkpoints") for path in saved):
-        raise UserError(f"{folder.name} stopped before its first checkpoint: start it again")
+    fresh = not any(checkpoints(path / "checkpoints") for path in saved)
     if "--resume" not in argv:
-        argv += ["--resume", "latest"]
+        argv += ["--resume", "latest"]  # with no complete checkpoint the trainer starts at step 0
     _update_app_record(
-        folder, stop_requested=False, exit_code=None, resumed=int(record.get("resumed", 0)) + 1
+        folder,
+        argv=argv,
+        stop_requested=False,
+        exit_code=None,
+        resumed=int(record.get("resumed", 0)) + 1,
+        queued=time.time(),
     )
+    what = "from step 0 (no complete checkpoint)" if fresh else "from the latest checkpoint"
     with (folder / LOG_FILE).open("a", encoding="utf-8") as log:
-        log.write(f"\n--- resumed from the latest checkpoint: {display_command(argv)}\n")
-    _launch(folder, argv)
-    return f"resuming {folder.name} from its latest checkpoint"
+        log.write(f"\n--- resumed {what}: {display_command(argv)}\n")
+    started = launch_queued(folder.parent, max_runs)
+    return f"resuming {folder.name} {what}" + ("" if folder in started else " once a slot is free (queued)")
 
 
 def _poll(folder: Path) -> bool | None:
@@ -267,6 +317,9 @@ def is_alive(folder: Path) -> bool:
 def stop_training(folder: Path) -> str:
     """Ask a run to stop like Ctrl-C does (it saves a checkpoint first); a second call terminates it."""
     folder = Path(folder)
+    if queue_position(folder) is not None:  # not started yet: leave the queue
+        _update_app_record(folder, queued=None, stop_requested=True)
+        return f"{folder.name} removed from the queue"
     if not is_alive(folder):
         return f"{folder.name} is not running"
     record = read_json(folder / APP_RECORD) or {}
@@ -294,6 +347,8 @@ def run_state(folder: Path) -> str:
         return "stopping" if record and record.get("stop_requested") else "running"
     if record is None:
         return "incomplete"
+    if record.get("queued"):
+        return "queued"
     return "stopped" if record.get("stop_requested") else "failed"
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,9 @@ from safetensors.torch import load_file
 from soar_lite import lora
 from soar_lite.ema import LoraEMA
 from soar_lite.errors import UserError
+from soar_lite.run_folder import STEP_DIR, TMP_STEP_PREFIX, checkpoints
 
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
+__all__ = ["STEP_DIR", "TrainState", "checkpoints", "load", "resolve", "save"]
 
 
 @dataclass
@@ -33,16 +33,6 @@ class TrainState:
 
     step: int = 0
     batches: int = 0
-
-
-def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first (temporary folders are never listed)."""
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.pt").is_file()
-    ]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
 def resolve(root: Path, which: str) -> Path:
@@ -80,19 +70,24 @@ def save(
     keep: int,
     ema: LoraEMA | None = None,
 ) -> Path:
-    """Write ``root/step-NNNNNN`` atomically, then prune to the newest ``keep``."""
+    """Write ``root/step-NNNNNN`` atomically, then prune to the newest ``keep``. A failed write
+    (a full disk) removes its temporary folder and leaves every earlier checkpoint as it was."""
     final = root / f"step-{state.step:06d}"
-    tmp = root / f".tmp-step-{state.step:06d}-{os.getpid()}"
+    tmp = root / f"{TMP_STEP_PREFIX}{state.step:06d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    lora.atomic_save(lora.adapter_state(transformer), tmp / "adapter.safetensors")
-    if ema is not None:
-        lora.atomic_save(ema.state_dict(), tmp / "ema.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(
-        {"step": state.step, "batches": state.batches, "rng": _rng_states(generator)}, tmp / "state.pt"
-    )
+    try:
+        tmp.mkdir(parents=True)
+        lora.atomic_save(lora.adapter_state(transformer), tmp / "adapter.safetensors")
+        if ema is not None:
+            lora.atomic_save(ema.state_dict(), tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(
+            {"step": state.step, "batches": state.batches, "rng": _rng_states(generator)}, tmp / "state.pt"
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in checkpoints(root)[:-keep]:

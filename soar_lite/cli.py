@@ -311,7 +311,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     """Serve the Gradio app: this machine only unless --host says otherwise (then use --auth)."""
     from app.server import serve
 
-    return serve(args.host, args.port, args.auth, args.runs_dir)
+    return serve(args.host, args.port, args.auth, args.runs_dir, args.allow_folder, args.max_runs)
 
 
 def _add_app_args(p: argparse.ArgumentParser) -> None:
@@ -319,6 +319,16 @@ def _add_app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--auth", metavar="USER:PASS", help="require this login (default: $SOAR_LITE_AUTH)")
     p.add_argument("--runs-dir", default="runs", help="where runs and uploaded datasets live (default runs/)")
+    p.add_argument(
+        "--allow-folder",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a server folder the app may also read and write (datasets, caches); repeatable; none default",
+    )
+    p.add_argument(
+        "--max-runs", type=int, default=1, help="runs training at once; more wait in a queue (default 1)"
+    )
 
 
 BENCHES = ("step", "cache", "quality")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,30 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    # NaN compares false with everything: without the isfinite test, lr=nan passed as "positive"
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise UserError(f"{name}={value!r} must be {bound}")
+        raise UserError(
+            f"{name}={value!r} must be {'' if math.isfinite(value) else 'a finite number '}{bound}"
+        )
+
+
+def _in_range(name: str, value: float, low: float, high: float, *, high_open: bool = True) -> None:
+    """``low <= value < high`` (or ``<= high``), NaN and inf refused."""
+    inside = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not inside:
+        raise UserError(f"{name}={value!r} must be in [{low}, {high}{')' if high_open else ']'}")
+
+
+def _check_finite(section: Any, prefix: str = "") -> None:
+    """Every float setting, in every section, is a finite number (a NaN learning rate or an inf
+    guidance scale would pass the range checks' comparisons and fail only after the model loads)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{f.name}={value!r} must be a finite number")
 
 
 @dataclass
@@ -179,6 +201,8 @@ class SoarConfig:
         _positive("soar.sde_noise_scale", self.sde_noise_scale, allow_zero=True)
         _positive("soar.num_sampling_steps", self.num_sampling_steps)
         _positive("soar.rollout_guidance", self.rollout_guidance, allow_zero=True)
+        _positive("soar.cfg_scale_sampling", self.cfg_scale_sampling, allow_zero=True)
+        _positive("soar.mode_scale", self.mode_scale, allow_zero=True)
         _choice("soar.weighting_scheme", self.weighting_scheme, ("logit_normal", "mode", "cosmap", "uniform"))
         _positive("soar.logit_std", self.logit_std)
         _positive("soar.aux_budget", self.aux_budget, allow_zero=True)
@@ -247,6 +271,9 @@ class OptimConfig:
             ("constant", "constant_with_warmup", "linear", "cosine"),
         )
         _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        _in_range("optim.beta1", self.beta1, 0, 1)
+        _in_range("optim.beta2", self.beta2, 0, 1)
+        _positive("optim.eps", self.eps)
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"optim.ema_decay={self.ema_decay!r} must be in [0, 1) (0 = no EMA; e.g. 0.999)")
 
@@ -266,6 +293,8 @@ class ValidationConfig:
         _positive("validation.every", self.every, allow_zero=True)
         _positive("validation.num_prompts", self.num_prompts, allow_zero=True)
         _positive("validation.steps", self.steps)
+        _positive("validation.guidance_scale", self.guidance_scale, allow_zero=True)
+        _in_range("validation.seed", self.seed, 0, 2**32)
 
 
 @dataclass
@@ -290,7 +319,9 @@ class TrainConfig:
     flux: FluxConfig = field(default_factory=FluxConfig)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _choice("objective", self.objective, ("sft", "soar", "both"))
+        _in_range("seed", self.seed, 0, 2**32)
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
         _positive("gradient_accumulation", self.gradient_accumulation)
@@ -398,7 +429,7 @@ def _convert(path: str, raw: Any, hint: Any) -> Any:
                 raise ValueError
             return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)
         if hint is float:
-            if isinstance(raw, bool):
+            if isinstance(raw, bool) or not math.isfinite(float(raw)):
                 raise ValueError
             return float(raw)
         if hint is str:
@@ -416,6 +447,7 @@ def _convert(path: str, raw: Any, hint: Any) -> Any:
     else:
         raise AssertionError(f"unhandled type {hint} for {path}")
     kind = getattr(hint, "__name__", str(hint))
+    kind = "finite number" if hint is float else kind
     raise UserError(f"{path}={raw!r} is not a valid {kind}")
 
 

@@ -18,7 +18,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-EMA_FILE = "pytorch_lora_weights_ema.safetensors"
+from soar_lite.run_folder import EMA_FILE
+
+__all__ = ["EMA_FILE", "LoraEMA"]
 
 
 class LoraEMA:

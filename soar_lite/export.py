@@ -431,7 +431,7 @@ def merge_lora(
     it to the pipeline as ``transformer=``.
     """
     from soar_lite import families
-    from soar_lite.train import resolve_model
+    from soar_lite.base_model import resolve_model
 
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:

@@ -101,7 +101,7 @@ def load_for_sampling(
     width: int | None = None,
 ) -> _Loaded:
     """Encode ``prompts`` (and the empty prompt for CFG) with the encoders alone, free them, load the rest."""
-    from soar_lite.train import resolve_model
+    from soar_lite.base_model import resolve_model
 
     if not prompts:
         raise UserError("no prompts given: pass --prompt (repeatable) or --prompts-file")
@@ -416,13 +416,14 @@ def compare_arms(cfg: Any, output: Path, *, seeds: Sequence[int] | None = None) 
 
     Returns None (and writes nothing) when the run has no validation prompts (``validation.num_prompts=0``).
     """
+    from soar_lite.base_model import resolve_resolution
     from soar_lite.config import with_family_defaults
-    from soar_lite.train import RUN_RECORD, resolve_resolution
+    from soar_lite.run_folder import read_record
 
     prompts = run_prompts(cfg)
     if not prompts:
         return None
-    model_path = json.loads((output / "sft" / RUN_RECORD).read_text(encoding="utf-8"))["base_model"]
+    model_path = (read_record(output / "sft") or {})["base_model"]
     if Path(model_path).exists():
         defaults = families.family_class(families.detect_family(model_path)).family_defaults(model_path)
         cfg, _ = with_family_defaults(cfg, defaults)

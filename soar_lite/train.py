@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-import shutil
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,19 +21,19 @@ import yaml
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from soar_lite import cache, checkpoint, families, lora
-from soar_lite.config import BUILTIN, SoarConfig, TrainConfig, config_to_dict, with_family_defaults
+from soar_lite import cache, checkpoint, families, lora, run_folder
+from soar_lite.base_model import check_resolution, resolve_model, resolve_resolution
+from soar_lite.config import SoarConfig, TrainConfig, config_to_dict, with_family_defaults
 from soar_lite.data import load_items
-from soar_lite.ema import EMA_FILE, LoraEMA
-from soar_lite.errors import UserError
+from soar_lite.ema import LoraEMA
+from soar_lite.errors import Interrupted, UserError
 from soar_lite.families.base import ModelFamily
 from soar_lite.families.common import model_settings
 from soar_lite.objective import Draws, LossReport, Rollout, soar_loss
 from soar_lite.paths import write_text_atomic
+from soar_lite.run_folder import EMA_FILE, METRICS, RUN_CONFIG, RUN_RECORD
 
-RUN_RECORD = "soar_lite_run.json"
-RUN_CONFIG = "config.yaml"  # the resolved settings: ``--preset RUN_FOLDER`` reruns them
-METRICS = "metrics.jsonl"
+__all__ = ["METRICS", "RUN_CONFIG", "RUN_RECORD", "resolve_model", "resolve_resolution", "train"]
 
 
 @dataclass
@@ -61,15 +61,6 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def resolve_model(path: str) -> str:
-    """``builtin`` -> the tiny trained toy base (built once, cached); anything else as given."""
-    if path != BUILTIN:
-        return path
-    from soar_lite.toy import ensure_tiny_base
-
-    return str(ensure_tiny_base())
-
-
 def resolve_family(cfg: TrainConfig, model_path: str) -> tuple[str, TrainConfig, dict[str, Any]]:
     """The run's family (``model.family``, auto-detected from the folder) and ``cfg`` with the
     family's defaults in place of generic (SD3) defaults left unchanged; what was replaced."""
@@ -86,32 +77,35 @@ def family_name(cfg: TrainConfig, model_path: str) -> str:
     return families.resolve_family("auto", cache.local_model_folder(model_path))
 
 
-def resolve_resolution(cfg: TrainConfig, model_path: str) -> int:
-    """The preset's resolution, else the model folder's own (the tiny default's 32), else 512."""
-    return cfg.data.resolution or int(model_settings(model_path).get("resolution", 512))
-
-
 def finished(output: Path, cfg: TrainConfig) -> bool:
     """A run in ``output`` that completed ``cfg.steps`` steps and wrote its LoRA file."""
-    try:
-        record = json.loads((output / RUN_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    done = record.get("status") == "done" and record.get("steps_done", 0) >= cfg.steps
-    return done and (output / lora.LORA_FILE).is_file()
+    return run_folder.finished(output, cfg.steps)
 
 
-def prepare_output(output: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to silently overwrite an earlier run; ``--resume`` continues it, ``--overwrite`` replaces it."""
-    earlier = (output / RUN_RECORD).exists() or (output / "checkpoints").exists()
-    if earlier and not resume:
-        if not overwrite:
+def prepare_output(output: Path, resume: str | None, overwrite: bool, progress: bool = False) -> None:
+    """Refuse to silently overwrite an earlier run; ``--resume`` continues it, ``--overwrite`` replaces it.
+
+    A run killed before its first complete checkpoint left nothing to keep: it starts again."""
+    if run_folder.holds_run(output) and not resume:
+        if run_folder.has_results(output) and not overwrite:
             raise UserError(
                 f"{output} already holds a run: pass --resume latest to continue it, "
                 "--overwrite to replace it, or another --output"
             )
-        shutil.rmtree(output)
+        if progress and not overwrite:
+            print(f"note: {output} holds a run stopped before its first checkpoint: starting it again")
+        run_folder.clear(output)
     output.mkdir(parents=True, exist_ok=True)
+
+
+def resume_point(output: Path, resume: str | None) -> str | None:
+    """``--resume latest`` on a run stopped before its first complete checkpoint starts it from
+    step 0 (None); a folder with results but no checkpoint, or no run at all, is an error."""
+    if resume != "latest" or run_folder.checkpoints(output / run_folder.CHECKPOINTS):
+        return resume
+    if run_folder.holds_run(output) and not run_folder.has_results(output):
+        return None
+    raise UserError(f"--resume latest: no complete checkpoint under {output / run_folder.CHECKPOINTS}")
 
 
 def prepare_data(
@@ -357,14 +351,15 @@ def validate(run: Run, cfg: TrainConfig, output: Path, step: int, resolution: in
         guidance_scale=cfg.validation.guidance_scale,
         generator=gen,
     )
-    folder = output / "samples" / f"step-{step:06d}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run_folder.sample_folder(output, step)
     paths = []
-    for i, (image, prompt) in enumerate(zip(images, data.validation_prompts, strict=True)):
-        path = folder / f"{i:02d}.png"
-        image.save(path)
-        paths.append(path)
-        (folder / f"{i:02d}.txt").write_text(prompt, encoding="utf-8")
+    with run_folder.guard_write(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (image, prompt) in enumerate(zip(images, data.validation_prompts, strict=True)):
+            path = folder / f"{i:02d}.png"
+            image.save(path)
+            paths.append(path)
+            (folder / f"{i:02d}.txt").write_text(prompt, encoding="utf-8")
     return paths
 
 
@@ -449,8 +444,43 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train one run (or both arms for ``objective=both``); returns the folder holding the LoRA file."""
+    """Train one run (or both arms for ``objective=both``); returns the folder holding the LoRA file.
+
+    The output folder is locked for the whole run (a second run into it refuses, naming the
+    holder); leftovers of killed writes are removed first; any error ends with the record saying
+    ``failed`` (or ``stopped`` after Ctrl-C) and why."""
     output = Path(output)
+    main = _global_rank() == 0
+    lock = run_folder.RunLock(output) if main else None
+    if lock is not None:
+        lock.acquire()
+        if lock.took_over and progress:
+            gone = lock.took_over.get("pid")
+            print(f"note: took over the lock of {output} from a run that is gone (pid {gone})")
+        run_folder.remove_stale_temp(output)
+    try:
+        return _train(cfg, output, resume=resume, overwrite=overwrite, progress=progress)
+    except BaseException as exc:
+        if main:
+            stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+            error = run_folder.write_error(exc, output) if not isinstance(exc, UserError) else None
+            reason = str(error or exc) or type(exc).__name__
+            run_folder.mark_ended(output, "stopped" if stopped else "failed", reason)
+            if error is not None:
+                raise error from None
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _global_rank() -> int:
+    """This process's rank from the launcher's environment: known before any process group exists
+    (on a CPU-only machine accelerate forms the group only when the Accelerator is built)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: bool, progress: bool) -> Path:
     if cfg.objective == "both":
         for arm in ("sft", "soar"):
             arm_out = output / arm
@@ -470,9 +500,13 @@ def train(
         if progress and PartialState().is_main_process:
             print(f"{output}: already complete ({cfg.steps} steps), nothing to resume")
         return output
+    start = resume_point(output, resume)
+    if resume and start is None and progress and _global_rank() == 0:
+        print(f"note: no complete checkpoint in {output} yet: the run starts again from step 0")
     acc = make_accelerator(cfg)
     if acc.is_main_process:
-        prepare_output(output, resume, overwrite)
+        prepare_output(output, start, overwrite, progress and not overwrite and not resume)
+    resume = start
     acc.wait_for_everyone()
     model_path = resolve_model(cfg.model.path) if acc.is_main_process else None
     model_path = _broadcast_str(acc, model_path)
@@ -481,13 +515,14 @@ def train(
     if len(data) < cfg.batch_size:
         _warn_small(acc, len(data), cfg.batch_size)
     run = build_run(cfg, model_path, data, acc)
+    resolution = resolve_resolution(cfg, model_path)
+    check_resolution(resolution, run.family.resolution_multiple)  # before a step, not after them all
     state = checkpoint.TrainState()
     if resume:
         found = checkpoint.resolve(output / "checkpoints", resume)
         state = checkpoint.load(
             found, acc.unwrap_model(run.model), run.optimizer, run.scheduler, run.generator, run.ema
         )
-    resolution = resolve_resolution(cfg, model_path)
     if resume and acc.is_main_process:
         trim_metrics(output / METRICS, state.step)
     logger = Logger(output, acc.is_main_process)
@@ -531,48 +566,63 @@ def train(
                 logger.images(state.step, validate(run, cfg, output, state.step, resolution))
     except KeyboardInterrupt:
         _save_checkpoint(run, cfg, output, state)
-        raise UserError(
+        raise Interrupted(
             f"interrupted at step {state.step}: checkpoint saved; continue with --resume latest"
         ) from None
     finally:
         bar.close()
         logger.close()
     acc.wait_for_everyone()
-    if acc.is_main_process:
-        record = _write_record(output, cfg, model_path, state, "done", acc, notes)
+    if acc.is_main_process:  # "done" only once the LoRA file and the final samples are on disk
         note = {
             "objective": cfg.objective,
             "family": run.family.name,
-            "base_model": record["base_model"],
+            "base_model": model_path,
             "base_quant": cfg.model.quant,  # a LoRA trained on a quantized base may want another strength
             "base_dtype": cfg.model.dtype,
         }
-        lora.save_lora(acc.unwrap_model(run.model), cfg.lora, output, note)
+        size = _adapter_bytes(run)
+        with run_folder.guard_write(output / run_folder.LORA_FILE, size):
+            lora.save_lora(acc.unwrap_model(run.model), cfg.lora, output, note)
         if run.ema is not None:
-            with run.ema.swapped_in(run.params):
+            with run.ema.swapped_in(run.params), run_folder.guard_write(output / EMA_FILE, size):
                 note = {**note, "ema_decay": cfg.optim.ema_decay}
                 lora.save_lora(acc.unwrap_model(run.model), cfg.lora, output, note, name=EMA_FILE)
         if not cfg.validation.every or cfg.steps % cfg.validation.every:
             final = Logger(output, enabled=True, metrics=False)
             final.images(state.step, validate(run, cfg, output, state.step, resolution))
             final.close()
+        _write_record(output, cfg, model_path, state, "done", acc, notes)
     acc.wait_for_everyone()
     return output
 
 
+def _adapter_bytes(run: Run) -> int:
+    """The size of the adapter's tensors: what a LoRA file needs on disk."""
+    return sum(p.numel() * p.element_size() for p in run.params)
+
+
 def _save_checkpoint(run: Run, cfg: TrainConfig, output: Path, state: checkpoint.TrainState) -> None:
+    # adapter + two AdamW moments (+ EMA), in fp32: what one checkpoint needs on disk, about
+    needed = _adapter_bytes(run) * (4 if run.ema is not None else 3)
+    path = run_folder.checkpoint_folder(output, state.step)
     if run.accelerator.is_main_process:
-        checkpoint.save(
-            output / "checkpoints",
-            state,
-            run.accelerator.unwrap_model(run.model),
-            run.optimizer,
-            run.scheduler,
-            run.generator,
-            cfg.keep_checkpoints,
-            run.ema,
-        )
+        with run_folder.guard_write(path, needed):
+            _write_checkpoint(run, cfg, output, state)
     run.accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(run: Run, cfg: TrainConfig, output: Path, state: checkpoint.TrainState) -> None:
+    checkpoint.save(
+        output / run_folder.CHECKPOINTS,
+        state,
+        run.accelerator.unwrap_model(run.model),
+        run.optimizer,
+        run.scheduler,
+        run.generator,
+        cfg.keep_checkpoints,
+        run.ema,
+    )
 
 
 def _guarded_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> LossReport:
@@ -645,7 +695,7 @@ def _write_record(
         "config": config_to_dict(cfg),
     }
     if acc.is_main_process:
-        (output / RUN_RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
+        run_folder.write_record(output, record)
         if status == "running":
             header = (
                 f"# The settings of the run in {output.name}/ (every key, resolved). Rerun or vary them:\n"

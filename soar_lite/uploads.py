@@ -10,6 +10,7 @@ reported.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import stat
@@ -20,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from soar_lite.config import DataConfig
-from soar_lite.data import IMAGE_EXTS, Item, load_items
+from soar_lite.data import IMAGE_EXTS, Item, load_items, verify_items
 from soar_lite.errors import UserError
 
 MiB = 1024 * 1024
@@ -31,14 +32,27 @@ _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
 @dataclass(frozen=True)
 class UploadLimits:
-    """Caps on what one upload may put on the server's disk (a zip counts by what it inflates to)."""
+    """Caps on what one upload may put on the server's disk (a zip counts by what it inflates to).
+
+    The one set of limits: the app enforces these, Gradio gets ``max_upload_bytes`` as its own cap,
+    and the README prints :meth:`describe` word for word (a test keeps them equal)."""
 
     max_files: int = 5000  # images + captions per upload (loose files, or members of the zips)
-    max_file_bytes: int = 64 * MiB  # one extracted or uploaded file
-    max_total_bytes: int = 2048 * MiB  # everything one upload writes
+    max_file_bytes: int = 64 * MiB  # one extracted or uploaded image / caption file
+    max_total_bytes: int = 2048 * MiB  # everything one upload writes (zips counted expanded)
     max_upload_bytes: int = 1024 * MiB  # one file as sent by the browser (a zip included)
-    max_ratio: float = 100.0  # inflated / compressed size of one member: more is a zip bomb
+    max_ratio: float = 100.0  # inflated / compressed size of one member or a whole zip: a zip bomb
     ratio_min_bytes: int = 1 * MiB  # tiny members compress oddly; the ratio rule starts here
+
+    def describe(self) -> str:
+        """The limits in one sentence, as the README and the Dataset tab state them."""
+        return (
+            f"{self.max_upload_bytes // MiB} MiB per uploaded file (a zip included), "
+            f"{self.max_file_bytes // MiB} MiB per image or caption file, "
+            f"{self.max_total_bytes // MiB} MiB written per upload (zips counted expanded), "
+            f"{self.max_files} files per upload, and no zip or member over "
+            f"{self.ratio_min_bytes // MiB} MiB that inflates more than {self.max_ratio:g}x"
+        )
 
 
 @dataclass
@@ -121,6 +135,13 @@ def plan_zip(archive: zipfile.ZipFile, limits: UploadLimits) -> tuple[Plan, list
         plan.append((info, Path(*parts)))
         if len(plan) > limits.max_files:
             raise UserError(f"refused archive: more than {limits.max_files} files")
+    # many members each just under the per-member ratio rule: the archive as a whole is the bomb
+    packed = sum(info.compress_size for info, _ in plan)
+    if total >= limits.ratio_min_bytes and total / max(packed, 1) > limits.max_ratio:
+        raise UserError(
+            f"refused archive: it inflates {total / max(packed, 1):.0f}x as a whole "
+            f"(limit {limits.max_ratio:.0f}x): a zip bomb?"
+        )
     return plan, ignored
 
 
@@ -268,25 +289,60 @@ class DatasetReport:
 
 
 def dataset_report(path: str | Path) -> DatasetReport:
-    """Run the data stage's own listing and checks (not a copy of its rules) on ``path``."""
+    """Run the data stage's own listing and checks (not a copy of its rules) on ``path``, the full
+    decode included: a truncated image passes the header check and is skipped only by the cache
+    stage, so the page must not list it as usable."""
     folder = Path(path)
     try:
         report = load_items(DataConfig(path=str(folder)))
     except UserError as exc:
         return DatasetReport(folder, [], {}, str(exc), str(exc))
     distinct = list(dict.fromkeys(report.items))  # kohya folder repeats: each image shown once
-    return DatasetReport(folder, distinct, dict(report.skips.by_reason), report.summary())
+    good, bad = verify_items(distinct)
+    skipped = dict(report.skips.by_reason)
+    for reason, names in bad.by_reason.items():
+        skipped.setdefault(reason, []).extend(names)
+    summary = report.summary()
+    if len(bad):
+        summary += f"; {len(bad)} more skipped when decoded: {bad.summary().split(': ', 1)[1]}"
+    if not good:
+        message = f"no usable captioned images in {folder} ({bad.summary()})"
+        return DatasetReport(folder, [], skipped, message, message)
+    return DatasetReport(folder, good, skipped, summary)
 
 
 def write_captions(folder: str | Path, captions: dict[str, str], caption_ext: str = ".txt") -> int:
-    """Save edited captions next to their images; keys are image paths relative to ``folder``."""
+    """Save edited captions next to their images; keys are image paths relative to ``folder``.
+
+    Only image files inside ``folder`` get a caption: a request naming any other file (``notes.yaml``,
+    an existing ``important.txt``) must not make a ``.txt`` appear or be replaced beside it."""
     root = Path(folder).resolve()
     count = 0
     for rel, caption in captions.items():
         image = (root / rel).resolve()
-        if root not in image.parents or not image.is_file():
+        is_image = image.suffix.lower() in IMAGE_EXTS
+        if root not in image.parents or not image.is_file() or not is_image:
             raise UserError(f"{rel!r} is not an image of this dataset")
         text = " ".join(str(caption).split())
         image.with_suffix(caption_ext).write_text(text + "\n", encoding="utf-8")
         count += 1
     return count
+
+
+def discard_uploads(files: list[str] | list[Path], temp_root: str | Path) -> int:
+    """Delete the server's temporary copies of uploaded files once they are stored or refused.
+
+    Only files inside ``temp_root`` (Gradio's upload folder) are touched, whatever path a request
+    names: this must never become a way to delete other files. Returns how many were removed."""
+    root = Path(temp_root).resolve()
+    removed = 0
+    for name in files:
+        path = Path(name).resolve()
+        if root not in path.parents or not path.is_file():
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+        if path.parent != root:  # Gradio keeps each upload in a folder of its own
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+    return removed

@@ -104,10 +104,11 @@ def shapes_zip(folder: Path, n: int = 8) -> Path:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """One app for the module (starting one costs ~20 s here): its URL and runs dir."""
+def app_url(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[tuple[str, Path]]:
+    """One app for the module (starting one costs ~20 s here): its URL and runs dir. The tiny model's
+    folder is allowed at launch: the app refuses model paths outside its runs dir otherwise."""
     runs = tmp_path_factory.mktemp("app") / "runs"
-    with running_app(runs) as (url, _):
+    with running_app(runs, "--allow-folder", str(tiny_model_dir)) as (url, _):
         yield url, runs
 
 

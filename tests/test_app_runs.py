@@ -248,7 +248,7 @@ def test_stop_saves_a_checkpoint_and_resume_continues_from_it(tmp_path, tiny_mod
     assert "--- resumed from the latest checkpoint" in (folder / "train.log").read_text()
 
 
-def test_resume_refuses_what_it_cannot_continue(tmp_path):
+def test_resume_refuses_what_it_cannot_continue(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     cli_run = runs / "from-the-cli"
     cli_run.mkdir(parents=True)
@@ -265,8 +265,11 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path):
     (early / APP_RECORD).write_text(
         json.dumps({"argv": ["python", "-m", "soar_lite.cli", "train"], "pid": None})
     )
-    with pytest.raises(UserError, match="before its first checkpoint"):
-        app_runs.resume_training(early)
+    launched = []
+    monkeypatch.setattr(app_runs, "_launch", lambda folder, argv: launched.append(argv))
+    # stopped before its first checkpoint: resuming starts it again (the trainer begins at step 0)
+    assert "from step 0 (no complete checkpoint)" in app_runs.resume_training(early)
+    assert launched == [["python", "-m", "soar_lite.cli", "train", "--resume", "latest"]]
 
 
 def test_the_train_form_shows_the_planners_verdict():

@@ -62,7 +62,8 @@ def test_serve_warns_when_exposed_without_a_password(monkeypatch, capsys, tmp_pa
             launched.update(kwargs)
 
     monkeypatch.delenv(server.AUTH_ENV, raising=False)
-    monkeypatch.setattr("app.main.build_app", lambda runs_dir, limits: FakeApp())
+    monkeypatch.setattr("app.main.build_app", lambda runs_dir, limits, allow, max_runs: FakeApp())
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)  # serve() sets its own; restored afterwards
     assert server.serve("0.0.0.0", 7999, None, tmp_path) == 0
     assert "WARNING" in capsys.readouterr().err and launched["server_name"] == "0.0.0.0"
     assert server.serve(None, 7999, "u:p", tmp_path) == 0

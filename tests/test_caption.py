@@ -119,10 +119,12 @@ def test_florence_models_get_their_task_token():
 
 def test_the_app_captions_the_dataset_in_use(tiny_blip, tmp_path):
     from app.main import caption_missing
+    from soar_lite.app_guard import Roots
 
     data = _images(tmp_path / "data")
     (data / "broken.jpg").unlink()
-    text, gallery, table = caption_missing(str(data), str(tiny_blip))
+    roots = Roots.of(tmp_path / "runs", [data, tiny_blip])  # the app may use only allowed folders
+    text, gallery, table = caption_missing(str(data), str(tiny_blip), roots)
     assert text.startswith("caption: wrote 2, kept 1 existing") and len(gallery) == 3
     assert all(str(c).strip() for c in table["caption"])
 

@@ -78,9 +78,28 @@ def list_records(path: Path, fmt: str, options: dict[str, str]) -> Listing:
     split, image_dir (each may be "" for the format's default)."""
     if not path.exists():
         raise UserError(f"data path {str(path)!r} does not exist")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    listers = {"folder": _folder, "imagefolder": _imagefolder, "hf": _hf, "soar_jsonl": _soar_jsonl}
-    return listers[fmt](path, options)
+    check_not_system_folder(path)
+    try:
+        fmt = detect_format(path) if fmt == "auto" else fmt
+        listers = {"folder": _folder, "imagefolder": _imagefolder, "hf": _hf, "soar_jsonl": _soar_jsonl}
+        return listers[fmt](path, options)
+    except OSError as exc:  # a folder or file inside that cannot be read (permissions, a dead mount)
+        where = exc.filename or path
+        raise UserError(f"cannot read the data at {where}: {exc.strerror or exc}") from None
+
+
+SYSTEM_FOLDERS = ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin",
+                  "/sys", "/usr", "/var", "/home", "/root", "/tmp")  # fmt: skip
+
+
+def check_not_system_folder(path: Path) -> None:
+    """A dataset is a folder of its own: a file-system root or a system folder would be walked
+    whole (every file on the machine, unreadable ones included) before failing, so it is refused."""
+    real = path.resolve()
+    if real.parent == real or str(real) in SYSTEM_FOLDERS or real == Path.home():
+        raise UserError(
+            f"data path {path} is a system folder, not a dataset: point at the folder of your images"
+        )
 
 
 def _hidden(path: Path, root: Path) -> bool:
