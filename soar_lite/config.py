@@ -13,13 +13,16 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from soar_lite.errors import UserError
+from soar_lite.resources import PRESETS, data_files
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 BUILTIN = "builtin"
 ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
@@ -506,11 +509,11 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def preset_names() -> list[str]:
-    """The shipped presets, by file stem."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+    """The shipped presets (package data, see :mod:`soar_lite.resources`), by file stem."""
+    return list(data_files(PRESETS, ".yaml"))
 
 
-def preset_path(name: str) -> Path:
+def preset_path(name: str) -> Path | Traversable:
     """The YAML file of a preset name, a path to a user's own preset file, or an earlier run's
     folder (its ``config.yaml``: every setting of that run, so a run can be repeated or varied)."""
     candidate = Path(name)
@@ -520,10 +523,10 @@ def preset_path(name: str) -> Path:
         if (candidate / "config.yaml").is_file():
             return candidate / "config.yaml"
         raise UserError(f"{name} is a folder without config.yaml: not a soar-lite run folder")
-    path = PRESETS_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(preset_names())}")
-    return path
+    shipped = data_files(PRESETS, ".yaml")
+    if name not in shipped:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(shipped)}")
+    return shipped[name]
 
 
 def load_preset(name: str) -> dict[str, Any]:

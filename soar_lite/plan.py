@@ -35,8 +35,8 @@ import torch
 
 from soar_lite.config import BUILTIN, LoraConfig, TrainConfig
 from soar_lite.errors import UserError
+from soar_lite.resources import MODEL_CONFIGS, data_files
 
-CONFIGS = Path(__file__).resolve().parent / "model_configs"
 ALIASES = {
     "sd3.5-medium": "sd3.5-medium",
     "stabilityai/stable-diffusion-3.5-medium": "sd3.5-medium",
@@ -84,7 +84,7 @@ PROCESS_RAM_GB = 1.5  # Python, torch and the libraries, before any weights
 def transformer_config(model: str) -> dict[str, Any]:
     """The transformer config of a known model name/id, a diffusers folder, or the built-in tiny base."""
     if model in ALIASES:
-        return json.loads((CONFIGS / f"{ALIASES[model]}.json").read_text())
+        return json.loads(data_files(MODEL_CONFIGS, ".json")[ALIASES[model]].read_text(encoding="utf-8"))
     if model == BUILTIN:
         from soar_lite.toy.tiny_sd3 import build_tiny_components
 
