@@ -196,7 +196,7 @@ class _FailingEncoders(FakeEncoders):
 
 def test_exception_mid_cache_keeps_finished_shards_frees_encoders_and_rerun_completes(setup, monkeypatch):
     data, model, root = setup
-    monkeypatch.setattr(cache, "ENCODE_BATCH", 2)
+    monkeypatch.setattr(cache.encode, "ENCODE_BATCH", 2)
     counts = Counter()
     with pytest.raises(RuntimeError, match="injected"):
         cache_once(data, model, root, encoders=_FailingEncoders, counts=counts)
@@ -216,8 +216,8 @@ sys.path.insert(0, sys.argv[4])
 from soar_lite import cache
 from tests.test_cache import FakeEncoders, cache_once
 
-cache.ENCODE_BATCH = 2
-real_save = cache.save_file
+cache.encode.ENCODE_BATCH = 2
+real_save = cache.store.save_file
 where = sys.argv[5]
 
 def save(tensors, path, metadata=None):
@@ -230,7 +230,7 @@ def save(tensors, path, metadata=None):
     cache_once.done = getattr(cache_once, "done", 0) + image_shard
 
 cache_once.done = 0
-cache.save_file = save
+cache.store.save_file = save
 
 class Dying(FakeEncoders):
     def encode_images(self, pixels):
@@ -265,7 +265,7 @@ def test_killed_cache_process_leaves_nothing_trusted_and_rerun_is_complete_and_c
 
 def test_damaged_shard_is_set_aside_and_only_its_items_reencoded(setup, monkeypatch, caplog):
     data, model, root = setup
-    monkeypatch.setattr(cache, "ENCODE_BATCH", 2)
+    monkeypatch.setattr(cache.encode, "ENCODE_BATCH", 2)
     cache_once(data, model, root)
     store = cache.Store(root / cache.STORE_NAME)
     image_shard = next(s for s in sorted(set(store.index.values())) if s in _image_shards(store))
@@ -427,9 +427,9 @@ def test_reading_from_disk_gives_the_same_batches_as_ram(tmp_path, monkeypatch):
             a, b = (a, b) if isinstance(a, dict) else ({"z": a}, {"z": b})
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # auto: in RAM while the cache is small next to the memory available, else from disk
-    monkeypatch.setattr(cache, "_ram_budget", lambda: 1e12)
+    monkeypatch.setattr(cache.order, "_ram_budget", lambda: 1e12)
     assert isinstance(cache.load_cache(result.manifest).latents[0], torch.Tensor)
-    monkeypatch.setattr(cache, "_ram_budget", lambda: 100.0)
+    monkeypatch.setattr(cache.order, "_ram_budget", lambda: 100.0)
     assert isinstance(cache.load_cache(result.manifest).latents[0], cache.DiskRows)
 
 
