@@ -389,7 +389,7 @@ def compare_tab(runs_dir: Path, picker: gr.Dropdown) -> None:
         prompt = gr.Textbox("a red circle at the top left", label="Prompt", scale=3, elem_id="compare-prompt")
         seed = gr.Number(0, label="Seed", precision=0)
         steps = gr.Number(20, label="Steps", precision=0, minimum=1, elem_id="compare-steps")
-        cfg = gr.Number(4.5, label="CFG", minimum=0)
+        cfg = gr.Number(4.5, label="CFG (SD3) / guidance (FLUX.1)", minimum=0, elem_id="compare-cfg")
     go = gr.Button("Compare", variant="primary")
     images = gr.Gallery(
         label="base | sft | soar", columns=3, height=360, object_fit="contain", elem_id="compare-images"
@@ -398,6 +398,16 @@ def compare_tab(runs_dir: Path, picker: gr.Dropdown) -> None:
     go.click(
         functools.partial(compare, runs_dir=runs_dir), [picker, prompt, seed, steps, cfg], [images, grid]
     )
+    picker.change(functools.partial(compare_defaults, runs_dir=runs_dir), [picker], [steps, cfg])
+
+
+def compare_defaults(run: str | None, runs_dir: Path) -> tuple:
+    """A picked run's own sampler settings (its family's: FLUX.1-schnell samples in 4 steps)."""
+    try:
+        found = app_runs.sampler_settings(app_runs.resolve_run(runs_dir, run or ""))
+    except UserError:
+        found = None
+    return (gr.update(), gr.update()) if found is None else found
 
 
 @_ui

@@ -125,6 +125,17 @@ def run_config(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+def sampler_settings(folder: Path) -> tuple[int, float] | None:
+    """(steps, guidance) of the run's validation sampler as the trainer resolved them: the family's
+    own where the preset left them (FLUX.1-dev 28 and embedded guidance 3.5, schnell 4 and 0).
+    The Compare tab starts from them; None before the trainer wrote its record."""
+    for path in (folder / RUN_RECORD, *(folder / a / RUN_RECORD for a in ARMS)):
+        validation = ((read_json(path) or {}).get("config") or {}).get("validation")
+        if isinstance(validation, dict) and "steps" in validation and "guidance_scale" in validation:
+            return int(validation["steps"]), float(validation["guidance_scale"])
+    return None
+
+
 def run_arms(folder: Path) -> list[tuple[str, Path]]:
     """(label, folder) of each trained arm, in training order: ``sft`` then ``soar`` for both."""
     cfg = run_config(folder) or {}

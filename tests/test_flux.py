@@ -362,6 +362,9 @@ def test_flux_schnell_trains_with_its_own_sampler(flux_schnell, tiny_data_dir, t
     )
     assert (out / "pytorch_lora_weights.safetensors").is_file()
     assert list((out / "samples").rglob("*.png"))  # the final validation sampled with schnell's settings
+    from soar_lite import app_runs
+
+    assert app_runs.sampler_settings(out) == (4, 0.0)  # what the app's Compare tab starts from
 
 
 def _random_flux_lora(
