@@ -320,6 +320,19 @@ def test_flux_dev_preset_trains_both_arms_and_the_lora_loads_in_diffusers(flux_d
     assert (out / "compare" / "grid.png").is_file()
     state = load_file(str(out / "soar" / "pytorch_lora_weights.safetensors"))
     assert any(".single_transformer_blocks." in k for k in state) and any(".ff_context." in k for k in state)
+    # ComfyUI's LoRA loader maps "transformer.<diffusers module>" for FLUX through its
+    # comfy/utils.py flux_to_diffusers table; these are the block modules that table lists:
+    comfy_double = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                    "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "norm1.linear",
+                    "norm1_context.linear", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2"}  # fmt: skip
+    comfy_single = {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "norm.linear", "proj_out"}
+    for key in state:  # every key loads there: no "lora key not loaded"
+        kind, _, module = key.removeprefix("transformer.").split(".lora_")[0].partition(".")
+        block, _, name = module.partition(".")
+        assert block.isdigit() and name in (
+            comfy_single if kind == "single_transformer_blocks" else comfy_double
+        )
 
     pipe = FluxPipeline.from_pretrained(str(flux_dev))
     base = {
