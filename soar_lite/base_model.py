@@ -22,10 +22,11 @@ def resolve_model(path: str) -> str:
 
 
 def resolve_resolution(cfg: Any, model_path: str) -> int:
-    """The preset's resolution, else the model folder's own (the tiny default's 32), else 512."""
-    from soar_lite.families.common import model_settings
+    """The preset's resolution, else the model's native one (the tiny default's 32, SD3.5 / FLUX.1
+    1024: :func:`soar_lite.families.native_resolution`)."""
+    from soar_lite.families import native_resolution
 
-    return cfg.data.resolution or int(model_settings(model_path).get("resolution", 512))
+    return cfg.data.resolution or native_resolution(model_path)
 
 
 def check_resolution(resolution: int, multiple: int) -> None:

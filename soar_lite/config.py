@@ -86,7 +86,7 @@ class DataConfig:
     # folder, or a SOAR reference .jsonl; "builtin" = toy shapes
     path: str = BUILTIN
     format: str = "auto"  # auto | folder | imagefolder | hf | soar_jsonl (auto: from what path holds)
-    resolution: int = 0  # pixel budget = resolution**2; 0 = the model folder's default (else 512)
+    resolution: int = 0  # pixel budget = resolution**2; 0 = the model's native (tiny base 32, else 1024)
     buckets: bool = True  # aspect-ratio buckets; false = centre square crops
     bucket_max_aspect: float = 2.5  # widest bucket is 2.5:1 (and tallest 1:2.5)
     caption_ext: str = ".txt"  # folder format: caption file next to each image

@@ -30,7 +30,6 @@ from PIL.PngImagePlugin import PngInfo
 from soar_lite import families
 from soar_lite.errors import UserError
 from soar_lite.families.base import ModelFamily
-from soar_lite.families.common import model_settings
 
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 28, 4.5  # SD3's; a family's own sampler defaults win (FLUX.1-schnell: 4, 0)
@@ -87,7 +86,7 @@ def sampler_defaults(model_path: str, steps: int | None, guidance: float | None)
 
 def resolve_size(model_path: str, height: int | None, width: int | None) -> tuple[int, int]:
     """The model folder's own resolution (``soar_lite.json``: the tiny base's 32) unless given, else 1024."""
-    side = int(model_settings(model_path).get("resolution", DEFAULT_SIZE))
+    side = families.native_resolution(model_path) if Path(model_path).exists() else DEFAULT_SIZE
     return height or side, width or side
 
 

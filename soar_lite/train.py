@@ -28,7 +28,6 @@ from soar_lite.data import load_items
 from soar_lite.ema import LoraEMA
 from soar_lite.errors import Interrupted, UserError
 from soar_lite.families.base import ModelFamily
-from soar_lite.families.common import model_settings
 from soar_lite.objective import Draws, LossReport, Rollout, soar_loss
 from soar_lite.paths import write_text_atomic
 from soar_lite.run_folder import EMA_FILE, METRICS, RUN_CONFIG, RUN_RECORD
@@ -120,7 +119,7 @@ def prepare_data(
         report = load_items(cfg.data)
         captions = list(dict.fromkeys(it.caption for it in report.items))
         prompts = cfg.validation.prompts or captions[: cfg.validation.num_prompts]
-        seq = cfg.model.max_sequence_length or int(model_settings(model_path).get("max_sequence_length", 256))
+        seq = cfg.model.max_sequence_length or families.text_length(cache.local_model_folder(model_path))
         resolution = resolve_resolution(cfg, model_path)
         spec = cache.CacheSpec(
             model_path, cfg.model.dtype, seq, resolution, cfg.data.buckets, cfg.data.bucket_max_aspect,

@@ -500,3 +500,18 @@ def test_int8_base_trains_a_step_on_cpu(flux_dev):
     report = soar_loss(fam.velocity(fam.transformer), z0, cond, None, fam.noise_grid(), cfg, rollout=rollout,
                        draws=_draws(cfg, z0), backward=lambda t, last: t.backward())  # fmt: skip
     assert torch.isfinite(report.loss) and all(p.grad is not None for p in params)
+
+
+def test_one_size_rule_for_every_family(flux_dev, tiny_model_dir, tmp_path):
+    """Unset sizes come from the folder's soar_lite.json, else the family's native ones (one rule)."""
+    import shutil
+
+    assert families.native_resolution(flux_dev) == 32 and families.text_length(flux_dev) == 8
+    assert families.native_resolution(tiny_model_dir) == 32 and families.text_length(tiny_model_dir) == 4
+    bare = tmp_path / "flux-bare"
+    shutil.copytree(flux_dev, bare)
+    (bare / "soar_lite.json").unlink()
+    assert families.native_resolution(bare) == 1024 and families.text_length(bare) == 512
+    (bare / "soar_lite.json").write_text('{"resolution": "big"}')
+    with pytest.raises(config.UserError, match="non-integer"):
+        families.native_resolution(bare)

@@ -86,7 +86,8 @@ def _warm_cache(model: Path, data: Path, cache_dir: Path) -> Any:
     from soar_lite import cache
     from soar_lite.config import DataConfig
     from soar_lite.data import load_items
-    from soar_lite.families.sd3 import SD3Family, model_settings
+    from soar_lite.families.common import model_settings
+    from soar_lite.families.sd3 import SD3Family  # the benchmark measures the SD3 cache stage
 
     settings = model_settings(str(model))
     spec = cache.CacheSpec(str(model), "float32", settings["max_sequence_length"], settings["resolution"])
@@ -128,7 +129,8 @@ def _step_fns(trainer: Any, k: int) -> dict[str, Callable[..., None]]:
 def measure_step_time(model: Path, data: Path, cache_dir: Path, *, batch: int, k: int, repeats: int) -> dict:
     """Step time from the cache vs encoding the batch every step, interleaved round-robin (CPU)."""
     from soar_lite.data import load_pixels, read_image_bytes
-    from soar_lite.families.sd3 import SD3Family, model_settings
+    from soar_lite.families.common import model_settings
+    from soar_lite.families.sd3 import SD3Family  # the benchmark measures the SD3 cache stage
 
     cached, items = _warm_cache(model, data, cache_dir)
     settings = model_settings(str(model))

@@ -430,7 +430,7 @@ def run_quality(
     settings: QualitySettings, work: Path, progress: bool = True
 ) -> tuple[dict[str, Any], Image.Image]:
     """Train every arm for every seed, score them all; returns the JSON record and the grid image."""
-    from soar_lite.families.sd3 import SD3Family, model_settings
+    from soar_lite import families
     from soar_lite.train import resolve_model
 
     if settings.threads:
@@ -438,8 +438,8 @@ def run_quality(
     start = time.perf_counter()
     settings = replace(settings, model=resolve_model(settings.model))
     base_ready = time.perf_counter() - start
-    family = SD3Family.load(settings.model, device="cpu")
-    ev = build_eval_set(family, settings, int(model_settings(settings.model).get("resolution", 32)))
+    family = families.load_family(families.detect_family(settings.model), settings.model, device="cpu")
+    ev = build_eval_set(family, settings, families.native_resolution(settings.model))
     family.free_encoders()
     cost = step_time_ratio(settings) if settings.equal_time else {}
     sft_equal_steps = max(settings.steps, round(settings.steps * cost.get("ratio", 1.0)))
@@ -463,7 +463,7 @@ def run_quality(
 def _record(
     settings: QualitySettings, ev: EvalSet, per_seed: dict, runs: dict, equal_time: dict, timing: dict
 ) -> dict[str, Any]:
-    from soar_lite.families.sd3 import model_settings
+    from soar_lite.families.common import model_settings
 
     floor = {
         "hist_tv": checker.histogram_distance(ev.real_floor, ev.real),

@@ -62,6 +62,25 @@ def resolve_family(setting: str, path: str | Path) -> str:
     return setting
 
 
+def native_resolution(path: str | Path) -> int:
+    """The side a model trains and samples at unless told: its folder's ``soar_lite.json`` (the tiny
+    bases' 32), else its family's native size (1024 for SD3.5 and FLUX.1). One rule for train,
+    sample and the benchmarks."""
+    from soar_lite.families.common import FolderSettings
+
+    own = FolderSettings.read(path).resolution
+    return own if own is not None else int(family_class(detect_family(path)).native_resolution)
+
+
+def text_length(path: str | Path) -> int:
+    """T5 tokens per prompt unless ``model.max_sequence_length`` says: the folder's, else the family's
+    pipeline default (SD3: 256, FLUX.1: 512)."""
+    from soar_lite.families.common import FolderSettings
+
+    own = FolderSettings.read(path).max_sequence_length
+    return own if own is not None else int(family_class(detect_family(path)).default_max_sequence_length)
+
+
 def load_family(name: str, path: str, **kwargs: Any) -> Any:
     """Load a family's parts (see each family's ``load`` for the keyword arguments)."""
     return family_class(name).load(path, **kwargs)

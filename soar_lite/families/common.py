@@ -45,6 +45,28 @@ def model_settings(path: str) -> dict[str, Any]:
     return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
 
 
+@dataclass(frozen=True)
+class FolderSettings:
+    """A model folder's ``soar_lite.json``, typed: the sizes a tiny base was built and trained at.
+    ``None`` = not set there (the family's own default applies, see ``families.native_resolution``)."""
+
+    resolution: int | None = None
+    max_sequence_length: int | None = None
+    toy: str | None = None
+
+    @classmethod
+    def read(cls, path: str | Path) -> FolderSettings:
+        raw = model_settings(str(path))
+        try:
+            return cls(
+                resolution=int(raw["resolution"]) if "resolution" in raw else None,
+                max_sequence_length=int(raw["max_sequence_length"]) if "max_sequence_length" in raw else None,
+                toy=str(raw["toy"]) if "toy" in raw else None,
+            )
+        except (TypeError, ValueError):
+            raise UserError(f"{Path(path) / 'soar_lite.json'} holds a non-integer size") from None
+
+
 def check_model_path(path: str) -> None:
     folder = Path(path)
     if folder.exists() and not (folder / "model_index.json").is_file():

@@ -33,9 +33,9 @@ from soar_lite.errors import UserError
 from soar_lite.families.common import (
     DTYPES,
     FamilyLayout,
+    FolderSettings,
     check_model_path,
     load_transformer,
-    model_settings,
     place_parts,
     read_json,
 )
@@ -124,6 +124,8 @@ class FluxFamily:
     default_lora_targets = LORA_TARGETS
     text_parts = TEXT_PARTS
     transformer_class = FluxTransformer2DModel
+    native_resolution = 1024
+    default_max_sequence_length = 512  # FluxPipeline's
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, max_sequence_length: int,
                  pipe: FluxPipeline, transformer: torch.nn.Module | None, options: Any) -> None:  # fmt: skip
@@ -187,7 +189,7 @@ class FluxFamily:
         check_model_path(path)
         quantization.check_backend(quant, device)
         torch_dtype = DTYPES[dtype]
-        seq = max_sequence_length or int(model_settings(path).get("max_sequence_length", 512))
+        seq = max_sequence_length or (FolderSettings.read(path).max_sequence_length or 512)
         parts: dict[str, Any] = {"transformer": None}
         if not vae:
             parts["vae"] = None

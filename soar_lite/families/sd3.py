@@ -28,9 +28,9 @@ from soar_lite.errors import UserError
 from soar_lite.families.common import (
     DTYPES,
     FamilyLayout,
+    FolderSettings,
     check_model_path,
     load_transformer,
-    model_settings,
     place_parts,
     read_json,
 )
@@ -41,7 +41,7 @@ diffusers_logging.disable_progress_bar()
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 
-__all__ = ["SD3Family", "model_settings", "sd3_velocity"]
+__all__ = ["SD3Family", "sd3_velocity"]
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
@@ -78,6 +78,8 @@ class SD3Family:
     default_lora_targets = LORA_TARGETS
     text_parts = TEXT_PARTS
     transformer_class = SD3Transformer2DModel
+    native_resolution = 1024
+    default_max_sequence_length = 256  # StableDiffusion3Pipeline's
     grid_note = "the scheduler's static-shift grid (the same at every resolution)"
 
     def __init__(
@@ -141,7 +143,7 @@ class SD3Family:
         check_model_path(path)
         quantization.check_backend(quant, device)
         torch_dtype = DTYPES[dtype]
-        seq = max_sequence_length or int(model_settings(path).get("max_sequence_length", 256))
+        seq = max_sequence_length or (FolderSettings.read(path).max_sequence_length or 256)
         parts: dict[str, Any] = {"transformer": None}
         if not vae:
             parts["vae"] = None
