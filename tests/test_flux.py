@@ -487,8 +487,9 @@ def test_kohya_flux_file_loads_in_diffusers_to_the_same_weights(flux_dev, tmp_pa
 
 
 @pytest.mark.slow
-def test_int8_base_trains_a_step_on_cpu(flux_dev):
-    fam = _family(flux_dev, text_encoders=False, vae=False, quant="int8")
+@pytest.mark.parametrize("quant", ["int8", "torchao-int8"])
+def test_quantized_base_trains_a_step_on_cpu(flux_dev, quant):
+    fam = _family(flux_dev, text_encoders=False, vae=False, quant=quant)
     from soar_lite import lora
 
     params = lora.add_lora(
