@@ -516,3 +516,31 @@ def test_one_size_rule_for_every_family(flux_dev, tiny_model_dir, tmp_path):
     (bare / "soar_lite.json").write_text('{"resolution": "big"}')
     with pytest.raises(config.UserError, match="non-integer"):
         families.native_resolution(bare)
+
+
+def test_flux_per_term_backward_memory_is_flat_in_k(flux_dev):
+    """Through the FLUX velocity (packing, embedded guidance): per-term backward keeps one forward's
+    saved activations for any K, while the joint backward's grow with K (saved-tensor meter)."""
+    from soar_lite.bench.step import SavedTensorMeter
+
+    fam, params = _lora_model(flux_dev)
+    z0, cond = _batch()
+    grid = fam.noise_grid()
+
+    def peak(k: int, per_term: bool, lam: float = 1.0) -> int:
+        cfg = SoarConfig(lambda_aux=lam, trajectory_length=k)
+        rollout = fam.rollout(fam.transformer, config.TrainConfig(soar=cfg))
+        meter = SavedTensorMeter(fam.transformer.parameters())
+        with meter.hooks():
+            backward = (lambda t, last: t.backward()) if per_term else None
+            report = soar_loss(fam.velocity(fam.transformer), z0, cond, None, grid, cfg, rollout=rollout,
+                               draws=_draws(cfg, z0), backward=backward)  # fmt: skip
+            if not per_term:
+                report.loss.backward()
+            del report
+        _grads(params)
+        return meter.peak
+
+    sft = peak(4, True, lam=0.0)
+    assert peak(1, True) <= 1.05 * sft and peak(4, True) <= 1.05 * sft
+    assert peak(4, False) >= 4 * sft
