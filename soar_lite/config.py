@@ -19,6 +19,7 @@ import yaml
 
 from soar_lite.errors import UserError
 from soar_lite.resources import PRESETS, data_files
+from soar_lite.run_folder import arm_names
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -391,7 +392,7 @@ class TrainConfig:
     @property
     def arms(self) -> tuple[str, ...]:
         """The arms of a multi-arm run (one sub-folder each, in training order); () for a single run."""
-        return self.objectives if len(self.objectives) > 1 else ()
+        return arm_names(self.objective)
 
     @property
     def effective_lambda_aux(self) -> float:
@@ -574,6 +575,18 @@ def preset_path(name: str) -> Path | Traversable:
     if name not in shipped:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(shipped)}")
     return shipped[name]
+
+
+def saved_objective(folder: str | Path) -> str | None:
+    """The objective a run folder's ``config.yaml`` names: a multi-arm run writes one above its arms
+    (each arm's own record names only that arm). None where there is no readable one."""
+    path = Path(folder) / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    value = data.get("objective") if isinstance(data, dict) else None
+    return str(value) if value else None
 
 
 def load_preset(name: str) -> dict[str, Any]:

@@ -493,6 +493,8 @@ def _global_rank() -> int:
 
 def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: bool, progress: bool) -> Path:
     if cfg.arms:  # objective=both or a comma list: one arm each, same data/seeds/steps
+        if PartialState().is_main_process:
+            _write_run_config(output, cfg)
         for arm in cfg.arms:
             arm_out = output / arm
             started = (arm_out / RUN_RECORD).exists() or (arm_out / "checkpoints").exists()
@@ -708,10 +710,17 @@ def _write_record(
     if acc.is_main_process:
         run_folder.write_record(output, record)
         if status == "running":
-            header = (
-                f"# The settings of the run in {output.name}/ (every key, resolved). Rerun or vary them:\n"
-                f"#   soar-lite train --preset {output} --output NEW_FOLDER [key=value ...]\n"
-            )
-            body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-            (output / RUN_CONFIG).write_text(header + body, encoding="utf-8")
+            _write_run_config(output, cfg)
     return record
+
+
+def _write_run_config(output: Path, cfg: TrainConfig) -> None:
+    """``config.yaml``: every setting, resolved, so the folder is a preset that repeats the run (a
+    multi-arm run's folder gets one too: it names the arms, which the arms' own records cannot)."""
+    header = (
+        f"# The settings of the run in {output.name}/ (every key, resolved). Rerun or vary them:\n"
+        f"#   soar-lite train --preset {output} --output NEW_FOLDER [key=value ...]\n"
+    )
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RUN_CONFIG).write_text(header + body, encoding="utf-8")
