@@ -493,7 +493,8 @@ def _global_rank() -> int:
 
 def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: bool, progress: bool) -> Path:
     if cfg.arms:  # objective=both or a comma list: one arm each, same data/seeds/steps
-        if PartialState().is_main_process:
+        refused = not resume and not overwrite and run_folder.has_results(output)  # the first arm says so
+        if PartialState().is_main_process and not refused:
             _write_run_config(output, cfg)
         for arm in cfg.arms:
             arm_out = output / arm

@@ -152,6 +152,9 @@ def test_a_comma_list_trains_one_arm_per_objective_and_scheduled_at_p0_is_the_sf
              **{"scheduled.rollout_probability": 0.0}, **knobs)  # fmt: skip
     same = load_file(str(p0 / LORA_FILE))
     assert all(torch.equal(same[k], loras["sft"][k]) for k in loras["sft"])
+    with pytest.raises(UserError, match="already holds a run"):  # and the folder still names its arms
+        run(tiny_model_dir, tiny_data_dir, out, objective="soar,sft", **knobs)
+    assert config.saved_objective(out) == "sft,scheduled,soar"
 
 
 def test_second_run_reuses_the_cache_without_loading_encoders(
