@@ -319,7 +319,9 @@ def train_tab(runs_dir: Path, widgets: Widgets, roots: Roots, max_runs: int) -> 
         model = gr.Textbox(
             model0, label="Model (folder or hub id; builtin = tiny SD3 base)", elem_id="train-model"
         )
-        objective = gr.Radio(["sft", "soar", "both"], value="soar", label="Objective")
+        objective = gr.Radio(  # both = sft,soar; a list trains one arm per objective
+            ["sft", "soar", "scheduled", "both", "sft,soar,scheduled"], value="soar", label="Objective"
+        )
     with gr.Row():
         widgets.data_path.render()
         name = gr.Textbox(label="Run name (optional)", placeholder="run-<date>-<time>")
@@ -392,7 +394,7 @@ def compare_tab(runs_dir: Path, picker: gr.Dropdown) -> None:
         cfg = gr.Number(4.5, label="CFG (SD3) / guidance (FLUX.1)", minimum=0, elem_id="compare-cfg")
     go = gr.Button("Compare", variant="primary")
     images = gr.Gallery(
-        label="base | sft | soar", columns=3, height=360, object_fit="contain", elem_id="compare-images"
+        label="base | each arm", columns=4, height=360, object_fit="contain", elem_id="compare-images"
     )
     grid = gr.Image(label="Labelled grid", type="filepath", height=240)
     go.click(

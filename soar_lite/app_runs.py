@@ -31,7 +31,7 @@ from soar_lite import config
 from soar_lite.config import BUILTIN
 from soar_lite.errors import UserError
 from soar_lite.paths import write_text_atomic
-from soar_lite.run_folder import ARMS, LORA_FILE, METRICS, RUN_RECORD, checkpoints, read_json
+from soar_lite.run_folder import ARMS, LORA_FILE, METRICS, RUN_RECORD, arm_names, checkpoints, read_json
 from soar_lite.uploads import DATASETS
 
 APP_RECORD = "app_run.json"  # written by the app at launch: argv, command, resolved config, pid
@@ -137,11 +137,15 @@ def sampler_settings(folder: Path) -> tuple[int, float] | None:
 
 
 def run_arms(folder: Path) -> list[tuple[str, Path]]:
-    """(label, folder) of each trained arm, in training order: ``sft`` then ``soar`` for both."""
-    cfg = run_config(folder) or {}
-    objective = cfg.get("objective")
-    if objective == "both" or (objective is None and any((folder / a / RUN_RECORD).exists() for a in ARMS)):
-        return [(arm, folder / arm) for arm in ARMS]
+    """(label, folder) of each arm, in training order, as the run's objective names them (``both``:
+    sft then soar; a list: its objectives); one pair for a single-objective run."""
+    # the folder's config.yaml first: a CLI multi-arm run's arm records name only their own arm
+    objective = config.saved_objective(folder) or (run_config(folder) or {}).get("objective")
+    arms = arm_names(str(objective)) if objective else ()
+    if objective is None:  # no config anywhere: the arm folders that hold a record
+        arms = tuple(a for a in ARMS if (folder / a / RUN_RECORD).exists())
+    if arms:
+        return [(arm, folder / arm) for arm in arms]
     return [(str(objective or "run"), folder)]
 
 
@@ -468,7 +472,7 @@ def read_progress(folder: Path) -> Progress:
         arm_steps = steps if record.get("status") == "done" else (int(rows[-1]["step"]) if rows else 0)
         if current is None and arm_steps < steps:
             current = label
-        losses += _loss_rows(label, rows, with_aux=label != "sft")
+        losses += _loss_rows(label, rows, with_aux=label not in ("sft", "scheduled"))  # no aux term
         samples += latest_samples(path, label)
         times += [float(r["step_time"]) for r in rows[1:] if "step_time" in r]  # step 1 includes warm-up
         done += arm_steps

@@ -52,9 +52,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from soar_lite.train import train
 
     folder = train(cfg, output, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
-    arms = ["sft", "soar"] if cfg.objective == "both" else [""]
     if main_process:
-        for arm in arms:
+        for arm in cfg.arms or [""]:
             print(f"LoRA: {folder / arm / 'pytorch_lora_weights.safetensors'}")
     return 0
 
@@ -207,12 +206,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _arms(args: argparse.Namespace) -> dict[str, str | None]:
-    """--run RUN gives base / sft / soar of an objective=both run; --arm NAME=PATH adds any LoRA."""
+    """--run RUN gives base and every arm of a multi-arm run (objective=both or a list, as its
+    record names them); --arm NAME=PATH adds any LoRA."""
     arms: dict[str, str | None] = {} if args.no_base else {"base": None}
     if args.run:
-        for arm in ("sft", "soar"):
+        for arm in run_arm_names(Path(args.run)):
             if not (Path(args.run) / arm).is_dir():
-                raise UserError(f"{args.run} has no {arm}/ folder: is it an objective=both run?")
+                raise UserError(f"{args.run} has no {arm}/ folder: its {arm} arm has not started")
             arms[arm] = str(Path(args.run) / arm)
     for item in args.arm or []:
         name, sep, path = item.partition("=")
@@ -221,6 +221,18 @@ def _arms(args: argparse.Namespace) -> dict[str, str | None]:
         arms[name] = None if path.lower() in ("", "none", "base") else path
     if len(arms) < 2:
         raise UserError("compare needs at least two arms: --run RUN, or --arm NAME=LORA (base is added)")
+    return arms
+
+
+def run_arm_names(run: Path) -> tuple[str, ...]:
+    """The arms of a multi-arm run folder: from its config (config.yaml, written at the start), else
+    the arm folders holding a record (runs from before objective lists: sft, soar)."""
+    from soar_lite.run_folder import ARMS, RUN_RECORD, arm_names
+
+    objective = config.saved_objective(run)
+    arms = arm_names(objective) if objective else tuple(a for a in ARMS if (run / a / RUN_RECORD).is_file())
+    if not arms:
+        raise UserError(f"{run} is not a multi-arm run (objective=both or a list such as sft,soar,scheduled)")
     return arms
 
 
@@ -292,7 +304,7 @@ def _add_interop_args(name: str, p: argparse.ArgumentParser) -> None:
     if name == "sample":
         p.add_argument("--lora", action="append", metavar="PATH[:STRENGTH]", help="LoRA file or run folder")
     if name == "compare":
-        p.add_argument("--run", help="an objective=both output: arms base, sft, soar")
+        p.add_argument("--run", help="a multi-arm run (objective=both or a list): base and every arm")
         p.add_argument("--arm", action="append", metavar="NAME=PATH", help="another arm (LoRA file or run)")
         p.add_argument("--no-base", action="store_true", help="leave out the base-model column")
     if name == "export":

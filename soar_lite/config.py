@@ -19,6 +19,7 @@ import yaml
 
 from soar_lite.errors import UserError
 from soar_lite.resources import PRESETS, data_files
+from soar_lite.run_folder import arm_names
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 BUILTIN = "builtin"
 ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+OBJECTIVES = ("sft", "soar", "scheduled")  # one run each; a comma list of them (or both) trains arms
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -47,6 +49,24 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
     inside = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
     if not inside:
         raise UserError(f"{name}={value!r} must be in [{low}, {high}{')' if high_open else ']'}")
+
+
+def _check_objective(value: str) -> None:
+    """One objective, or a comma list of distinct ones (one arm each); ``both`` = ``sft,soar``."""
+    if value == "reflexflow" or "reflexflow" in value.split(","):
+        raise UserError(
+            "objective=reflexflow is not implemented: its loss equations (arXiv 2512.04904) could not be "
+            "checked here; use scheduled, the scheduled sampling it builds on"
+        )
+    names = ["sft", "soar"] if value == "both" else value.split(",")
+    for name in names:
+        if name not in OBJECTIVES:
+            raise UserError(
+                f"objective={value!r} is not valid; choose one of: sft, soar, both, scheduled, "
+                "or a comma list of them (sft,soar,scheduled)"
+            )
+    if len(set(names)) < len(names):
+        raise UserError(f"objective={value!r} names an objective twice: one arm each")
 
 
 def _check_finite(section: Any, prefix: str = "") -> None:
@@ -221,6 +241,20 @@ class SoarConfig:
 
 
 @dataclass
+class ScheduledConfig:
+    """Scheduled sampling (``objective=scheduled``, soar_lite/objectives.py): train the flow target on
+    the state the model itself drifts to over a few no-grad sampler steps above the target level.
+    Its sampler (steps, CFG or embedded guidance) is SOAR's rollout settings in ``soar.*``."""
+
+    rollout_steps: int = 4  # at most this many Euler steps of the sampler, uniform in 0..N per sample
+    rollout_probability: float = 1.0  # chance that a sample is rolled out at all; 0 = plain SFT, bit for bit
+
+    def __post_init__(self) -> None:
+        _positive("scheduled.rollout_steps", self.rollout_steps, allow_zero=True)
+        _in_range("scheduled.rollout_probability", self.rollout_probability, 0.0, 1.0, high_open=False)
+
+
+@dataclass
 class FluxConfig:
     """FLUX.1 only (ignored by other families)."""
 
@@ -304,7 +338,9 @@ class ValidationConfig:
 class TrainConfig:
     """One training run. Sub-sections are YAML mappings in presets; knobs are ``key=value`` on the CLI."""
 
-    objective: str = "soar"  # sft | soar | both (both = two arms, same data/seeds/steps)
+    # sft | soar | scheduled, or a comma list (sft,soar,scheduled): one arm each into OUTPUT/<arm>,
+    # same data/seeds/steps; both = sft,soar
+    objective: str = "soar"
     steps: int = 100
     batch_size: int = 4
     gradient_accumulation: int = 1
@@ -317,13 +353,14 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     soar: SoarConfig = field(default_factory=SoarConfig)
+    scheduled: ScheduledConfig = field(default_factory=ScheduledConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     flux: FluxConfig = field(default_factory=FluxConfig)
 
     def __post_init__(self) -> None:
         _check_finite(self)
-        _choice("objective", self.objective, ("sft", "soar", "both"))
+        _check_objective(self.objective)
         _in_range("seed", self.seed, 0, 2**32)
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
@@ -337,20 +374,31 @@ class TrainConfig:
                 f"optim.loraplus_ratio speeds up LoRA's B matrices; lora.type={self.lora.type} has none: "
                 "use lora.type=lora or dora, or optim.loraplus_ratio=0"
             )
-        if self.soar.reuse_main_pass and self.lora.dropout > 0 and self.objective != "sft":
+        if self.soar.reuse_main_pass and self.lora.dropout > 0 and "soar" in self.objectives:
             raise UserError(
                 "lora.dropout > 0 makes soar.reuse_main_pass inexact: set soar.reuse_main_pass=false "
                 "or lora.dropout=0"
             )
 
     def arm(self, objective: str) -> TrainConfig:
-        """This config for one arm of ``objective=both`` (``sft`` sets lambda_aux to 0)."""
+        """This config for one arm of a multi-arm run (``sft`` sets lambda_aux to 0)."""
         return dataclasses.replace(self, objective=objective)
 
     @property
+    def objectives(self) -> tuple[str, ...]:
+        """The objectives this config names, in order: ``both`` is ``sft, soar``."""
+        return ("sft", "soar") if self.objective == "both" else tuple(self.objective.split(","))
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """The arms of a multi-arm run (one sub-folder each, in training order); () for a single run."""
+        return arm_names(self.objective)
+
+    @property
     def effective_lambda_aux(self) -> float:
-        """``lambda_aux`` as the objective sees it: SFT is SOAR with lambda 0, bit for bit."""
-        return 0.0 if self.objective == "sft" else self.soar.lambda_aux
+        """``lambda_aux`` as the objective sees it: SFT is SOAR with lambda 0, bit for bit; scheduled
+        sampling has no SOAR auxiliary term."""
+        return self.soar.lambda_aux if "soar" in self.objectives else 0.0
 
 
 def with_family_defaults(cfg: TrainConfig, defaults: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any]]:
@@ -527,6 +575,18 @@ def preset_path(name: str) -> Path | Traversable:
     if name not in shipped:
         raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(shipped)}")
     return shipped[name]
+
+
+def saved_objective(folder: str | Path) -> str | None:
+    """The objective a run folder's ``config.yaml`` names: a multi-arm run writes one above its arms
+    (each arm's own record names only that arm). None where there is no readable one."""
+    path = Path(folder) / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+    value = data.get("objective") if isinstance(data, dict) else None
+    return str(value) if value else None
 
 
 def load_preset(name: str) -> dict[str, Any]:

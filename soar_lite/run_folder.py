@@ -6,7 +6,7 @@ test) and imported the others to get them. Everything here is plain files and th
 (no torch, no model), so the app and the CLI can read, lock and check a run folder in milliseconds
 and none of the heavy modules has to import another to know where a file is.
 
-Layout of one run (``objective=both`` nests one such folder per arm, ``sft/`` then ``soar/``)::
+Layout of one run (``objective=both`` or a list nests one such folder per arm, e.g. ``sft/`` then ``soar/``)::
 
     OUTPUT/
       .soar_lite.lock                  held (flock) by the process training here, with who it is
@@ -46,7 +46,7 @@ CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 LOGS = "logs"
 LOCK_FILE = ".soar_lite.lock"
-ARMS = ("sft", "soar")  # the sub-folders of an objective=both run, in training order
+ARMS = ("sft", "soar", "scheduled")  # every sub-folder an arm can have: the objectives (config.OBJECTIVES)
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_STEP_PREFIX = ".tmp-step-"
 _TMP_FILE = re.compile(r"^\.tmp-\d+-[0-9a-f]{8}-|\.tmp-\d+$")  # paths.write_text_atomic, lora.atomic_save
@@ -55,9 +55,16 @@ _TMP_FILE = re.compile(r"^\.tmp-\d+-[0-9a-f]{8}-|\.tmp-\d+$")  # paths.write_tex
 # ---------------------------------------------------------------- names
 
 
+def arm_names(objective: str) -> tuple[str, ...]:
+    """The arms of a run, in training order: ``both`` is sft, soar; a comma list its names; () for one
+    objective (the run folder itself holds its LoRA)."""
+    names = ("sft", "soar") if objective == "both" else tuple(objective.split(","))
+    return names if len(names) > 1 else ()
+
+
 def arm_folders(folder: Path, objective: str) -> list[Path]:
-    """The folders that hold a LoRA each: the arms of ``objective=both``, else the folder itself."""
-    return [folder / arm for arm in ARMS] if objective == "both" else [folder]
+    """The folders that hold a LoRA each: one per arm of a multi-arm run, else the folder itself."""
+    return [folder / arm for arm in arm_names(objective)] or [folder]
 
 
 def sample_folder(folder: Path, step: int) -> Path:

@@ -393,7 +393,7 @@ def _text_height(font: Any) -> int:
     return int(bottom - top) + 2
 
 
-# ---------------------------------------------------------------- after objective=both
+# ---------------------------------------------------------------- after a multi-arm run
 
 
 def run_prompts(cfg: Any) -> list[str]:
@@ -411,7 +411,8 @@ def run_prompts(cfg: Any) -> list[str]:
 
 
 def compare_arms(cfg: Any, output: Path, *, seeds: Sequence[int] | None = None) -> CompareResult | None:
-    """The base / SFT / SOAR grid of an ``objective=both`` run into ``output/compare`` (validation settings).
+    """The grid of base and every arm of a multi-arm run (``objective=both`` or a list such as
+    ``sft,soar,scheduled``), in training order, into ``output/compare`` (validation settings).
 
     Returns None (and writes nothing) when the run has no validation prompts (``validation.num_prompts=0``).
     """
@@ -422,7 +423,7 @@ def compare_arms(cfg: Any, output: Path, *, seeds: Sequence[int] | None = None) 
     prompts = run_prompts(cfg)
     if not prompts:
         return None
-    model_path = (read_record(output / "sft") or {})["base_model"]
+    model_path = (read_record(output / cfg.arms[0]) or {})["base_model"]
     if Path(model_path).exists():
         defaults = families.family_class(families.detect_family(model_path)).family_defaults(model_path)
         cfg, _ = with_family_defaults(cfg, defaults)
@@ -430,7 +431,7 @@ def compare_arms(cfg: Any, output: Path, *, seeds: Sequence[int] | None = None) 
     side = resolve_resolution(cfg, model_path)
     return compare(
         model_path,
-        {"base": None, "sft": str(output / "sft"), "soar": str(output / "soar")},
+        {"base": None, **{arm: str(output / arm) for arm in cfg.arms}},
         prompts,
         list(seeds) if seeds is not None else [cfg.validation.seed],
         steps=cfg.validation.steps,

@@ -29,6 +29,7 @@ from soar_lite.ema import LoraEMA
 from soar_lite.errors import Interrupted, UserError
 from soar_lite.families.base import ModelFamily
 from soar_lite.objective import Draws, LossReport, Rollout, soar_loss
+from soar_lite.objectives import ScheduledDraws, scheduled_loss
 from soar_lite.paths import write_text_atomic
 from soar_lite.run_folder import EMA_FILE, METRICS, RUN_CONFIG, RUN_RECORD
 
@@ -249,25 +250,26 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
         mine = slice(acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size)
         z0_all = run.data.latents_of(rows)
         grid = run.family.noise_grid(tuple(z0_all.shape[-2:]))  # a batch is one bucket: one grid
-        draws = Draws.sample(z0_all, soar_cfg, grid, run.generator).select(mine, soar_cfg).to(acc.device)
+        if cfg.objective == "scheduled":
+            draws: Any = ScheduledDraws.sample(z0_all, soar_cfg, cfg.scheduled, run.generator).select(mine)
+        else:
+            draws = Draws.sample(z0_all, soar_cfg, grid, run.generator).select(mine, soar_cfg)
         z0, cond, uncond = run.data.batch(rows[mine], acc.device, drops[mine])
+        common = {
+            "rollout": rollout,
+            "draws": draws.to(acc.device),
+            "backward": lambda term, is_last: acc.backward(term / accum),
+            "reduce_sum": reduce_sum,
+            "world_size": world,
+        }
         # DDP decides at *forward* time whether a backward all-reduces, and processes may run different
         # numbers of terms (SDE paths keep a process-local number of samples): every forward and
         # backward runs unsynchronised, and the gradients are averaged once below.
         with acc.no_sync(run.model):
-            report = soar_loss(
-                velocity,
-                z0,
-                cond,
-                uncond,
-                grid,
-                soar_cfg,
-                rollout=rollout,
-                draws=draws,
-                backward=lambda term, is_last: acc.backward(term / accum),
-                reduce_sum=reduce_sum,
-                world_size=world,
-            )
+            if cfg.objective == "scheduled":
+                report = scheduled_loss(velocity, z0, cond, uncond, grid, soar_cfg, cfg.scheduled, **common)
+            else:
+                report = soar_loss(velocity, z0, cond, uncond, grid, soar_cfg, **common)
         _accumulate(totals, report)
         state.batches += 1
     if world > 1:
@@ -312,6 +314,15 @@ def _rollout(acc: Accelerator, rollout: Rollout) -> Rollout:
     if rollout.velocity is None:
         return rollout
     return replace(rollout, velocity=_autocast(acc, rollout.velocity))
+
+
+def _describe_rollout(cfg: TrainConfig, rollout: Rollout) -> str:
+    """The run record's line on what the objective's rollout ran (none for SFT)."""
+    if cfg.objective == "scheduled":
+        steps, p = cfg.scheduled.rollout_steps, cfg.scheduled.rollout_probability
+        passes = rollout.describe(replace(cfg.soar, reuse_main_pass=False))  # no main pass to reuse
+        return f"scheduled sampling: up to {steps} Euler steps (p={p:g}), {passes}"
+    return rollout.describe(cfg.soar) if cfg.effective_lambda_aux else "none (sft)"
 
 
 def _autocast(acc: Accelerator, velocity: Any) -> Any:
@@ -443,7 +454,8 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Train one run (or both arms for ``objective=both``); returns the folder holding the LoRA file.
+    """Train one run (or one arm per objective of a list, ``both`` = ``sft,soar``); returns the folder
+    holding the LoRA file (the run folder holding the arms' folders for a list).
 
     The output folder is locked for the whole run (a second run into it refuses, naming the
     holder); leftovers of killed writes are removed first; any error ends with the record saying
@@ -480,17 +492,20 @@ def _global_rank() -> int:
 
 
 def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: bool, progress: bool) -> Path:
-    if cfg.objective == "both":
-        for arm in ("sft", "soar"):
+    if cfg.arms:  # objective=both or a comma list: one arm each, same data/seeds/steps
+        refused = not resume and not overwrite and run_folder.has_results(output)  # the first arm says so
+        if PartialState().is_main_process and not refused:
+            _write_run_config(output, cfg)
+        for arm in cfg.arms:
             arm_out = output / arm
             started = (arm_out / RUN_RECORD).exists() or (arm_out / "checkpoints").exists()
-            # resuming a run stopped during the SFT arm: the SOAR arm has not started, it starts now
+            # resuming a run stopped during an earlier arm: a later arm has not started, it starts now
             arm_resume = resume if started else None
             train(cfg.arm(arm), arm_out, resume=arm_resume, overwrite=overwrite, progress=progress)
             gc.collect()  # accelerate's mixed-precision forward wrapper is a cycle: free the arm now
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        if PartialState().is_main_process:  # base / SFT / SOAR side by side in OUTPUT/compare
+        if PartialState().is_main_process:  # base and every arm side by side in OUTPUT/compare
             from soar_lite.sample import compare_arms
 
             compare_arms(cfg, output)
@@ -527,7 +542,7 @@ def _train(cfg: TrainConfig, output: Path, *, resume: str | None, overwrite: boo
     logger = Logger(output, acc.is_main_process)
     rollout = run.family.rollout(run.model, cfg)
     notes = {"family": run.family.name, "variant": run.family.variant, "family_defaults": family_defaults,
-             "rollout": rollout.describe(cfg.soar) if cfg.effective_lambda_aux else "none (sft)",
+             "rollout": _describe_rollout(cfg, rollout),
              "training_grid": run.family.grid_note}  # fmt: skip
     _write_record(output, cfg, model_path, state, "running", acc, notes)
     bar = tqdm(
@@ -696,10 +711,17 @@ def _write_record(
     if acc.is_main_process:
         run_folder.write_record(output, record)
         if status == "running":
-            header = (
-                f"# The settings of the run in {output.name}/ (every key, resolved). Rerun or vary them:\n"
-                f"#   soar-lite train --preset {output} --output NEW_FOLDER [key=value ...]\n"
-            )
-            body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-            (output / RUN_CONFIG).write_text(header + body, encoding="utf-8")
+            _write_run_config(output, cfg)
     return record
+
+
+def _write_run_config(output: Path, cfg: TrainConfig) -> None:
+    """``config.yaml``: every setting, resolved, so the folder is a preset that repeats the run (a
+    multi-arm run's folder gets one too: it names the arms, which the arms' own records cannot)."""
+    header = (
+        f"# The settings of the run in {output.name}/ (every key, resolved). Rerun or vary them:\n"
+        f"#   soar-lite train --preset {output} --output NEW_FOLDER [key=value ...]\n"
+    )
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / RUN_CONFIG).write_text(header + body, encoding="utf-8")

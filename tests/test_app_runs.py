@@ -281,3 +281,28 @@ def test_the_train_form_shows_the_planners_verdict():
     large = preset_fit("16gb", "stabilityai/stable-diffusion-3.5-large")
     assert "(does NOT fit a 16 GB card); it fits with `quant=int8` in More settings" in large
     assert preset_fit("16gb", "someone/else").startswith("Memory planner: plan: no transformer config")
+
+
+def test_a_cli_run_of_any_objective_list_lists_its_arms_from_its_config(tmp_path):
+    """A CLI run has no app record and each arm's record names only its arm: the arms come from the
+    run folder's config.yaml, in its order, also before a later arm has started."""
+    folder = tmp_path / "runs" / "three"
+    _arm(folder / "scheduled", 4, "done", "scheduled")
+    _arm(folder / "sft", 1, "running", "sft")
+    cfg = config.config_to_dict(config.load_config("cpu-tiny", ["objective=scheduled,sft,soar", "steps=4"]))
+    (folder / "config.yaml").write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
+    for arm in ("scheduled", "sft"):  # the trainer's arm records hold the arm's own config
+        record = json.loads((folder / arm / RUN_RECORD).read_text())
+        record["config"] = {**cfg, "objective": arm}
+        (folder / arm / RUN_RECORD).write_text(json.dumps(record), encoding="utf-8")
+    assert app_runs.run_arms(folder) == [(a, folder / a) for a in ("scheduled", "sft", "soar")]
+    p = app_runs.read_progress(folder)
+    assert (p.step, p.total, p.arm) == (5, 12, "sft")
+    series = {row["series"] for row in p.losses}
+    assert {"scheduled main", "sft main"} <= series and not any("aux" in s for s in series)
+    assert set(app_runs.lora_files(folder)) == {"scheduled"}
+
+
+def test_an_old_both_run_without_a_folder_config_still_lists_sft_and_soar(tmp_path):
+    folder = fake_both_run(tmp_path / "runs", "old", None, time.time())
+    assert [label for label, _ in app_runs.run_arms(folder)] == ["sft", "soar"]

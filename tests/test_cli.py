@@ -7,6 +7,7 @@ import re
 import pytest
 
 from soar_lite.cli import main
+from soar_lite.errors import UserError
 
 
 @pytest.mark.parametrize(
@@ -123,3 +124,23 @@ def test_train_fits_a_given_vram_before_any_work(capsys, tmp_path, monkeypatch):
     if not __import__("torch").cuda.is_available():
         assert main(["train", "--preset", "auto"]) == 2
         assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_compare_run_takes_every_arm_the_run_config_names(tmp_path):
+    """--run RUN: base then each arm of an objective list, in its order; a missing arm is named."""
+    import yaml
+
+    from soar_lite import cli
+
+    run = tmp_path / "run"
+    for arm in ("sft", "scheduled", "soar"):
+        (run / arm).mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"objective": "sft,scheduled,soar"}), encoding="utf-8")
+    args = cli.build_parser().parse_args(["compare", "--run", str(run)])
+    assert cli._arms(args) == {"base": None, **{a: str(run / a) for a in ("sft", "scheduled", "soar")}}
+    (run / "soar").rmdir()
+    with pytest.raises(UserError, match="has no soar/ folder"):
+        cli._arms(args)
+    (run / "config.yaml").write_text(yaml.safe_dump({"objective": "soar"}), encoding="utf-8")
+    with pytest.raises(UserError, match="not a multi-arm run"):
+        cli._arms(args)

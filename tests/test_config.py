@@ -16,7 +16,7 @@ def test_every_preset_loads_and_opens_with_command_and_hardware(name: str) -> No
     header = config.preset_header(name)
     assert header.splitlines()[0].startswith(f"soar-lite train --preset {name}")
     assert "Hardware:" in header
-    assert cfg.objective in ("sft", "soar", "both")
+    assert all(name in ("sft", "soar", "scheduled") for name in cfg.objectives)
 
 
 def test_required_tiers_are_shipped() -> None:
@@ -70,7 +70,12 @@ def test_overrides_apply_and_convert_types() -> None:
     ("override", "message"),
     [
         ("lrr=1", "unknown setting 'lrr' (did you mean lr?)"),
-        ("objective=dpo", "choose one of: sft, soar, both"),
+        ("objective=dpo", "choose one of: sft, soar, both, scheduled"),
+        ("objective=sft,dpo", "or a comma list of them"),
+        ("objective=sft,sft", "names an objective twice"),
+        ("objective=reflexflow", "not implemented"),
+        ("scheduled.rollout_probability=1.5", "must be in [0.0, 1.0]"),
+        ("scheduled.rollout_steps=-1", "must be >= 0"),
         ("steps=abc", "steps='abc' is not a valid int"),
         ("steps=0", "steps=0 must be > 0"),
         ("steps=1.5", "not a valid int"),

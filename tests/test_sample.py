@@ -138,3 +138,24 @@ def test_objective_both_writes_the_comparison_grid(tiny_model_dir, tiny_data_dir
     assert grid.is_file()
     assert {p.name for p in (out / "compare").iterdir()} == {"grid.png", "base", "sft", "soar"}
     assert len(list((out / "compare" / "soar").glob("*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_an_objective_list_compares_every_arm_next_to_base(tiny_model_dir, tiny_data_dir, tmp_path):
+    from PIL import Image
+
+    from soar_lite import app_runs, config, train
+    from tests.conftest import tiny_overrides
+
+    knobs = {"objective": "sft,scheduled,soar", "steps": 1, "validation.num_prompts": 1}
+    knobs["validation.steps"] = 2
+    overrides = tiny_overrides(**{"model.path": tiny_model_dir, "data.path": tiny_data_dir, **knobs})
+    out = train.train(config.load_config("cpu-tiny", overrides), tmp_path / "arms", progress=False)
+    assert {p.name for p in (out / "compare").iterdir()} == {"grid.png", "base", "sft", "scheduled", "soar"}
+    two = train.train(
+        config.load_config("cpu-tiny", [*overrides, "objective=both"]), tmp_path / "two", progress=False
+    )
+    wide, narrow = Image.open(out / "compare" / "grid.png"), Image.open(two / "compare" / "grid.png")
+    assert wide.height == narrow.height and wide.width > narrow.width  # one more column: 4 arms, not 3
+    assert config.saved_objective(out) == "sft,scheduled,soar"
+    assert [label for label, _ in app_runs.run_arms(out)] == ["sft", "scheduled", "soar"]

@@ -133,6 +133,30 @@ def test_both_arms_share_data_and_seed_and_differ_in_objective(tiny_model_dir, t
     assert all(m["aux_per_sample"] == 2 for m in metrics)  # K = 2 aux points per sample, ODE path only
 
 
+def test_a_comma_list_trains_one_arm_per_objective_and_scheduled_at_p0_is_the_sft_arm(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """sft,scheduled,soar: three arms, in order, same seed; scheduled sampling's rollout changes the
+    LoRA, and with rollout_probability=0 a scheduled run gives the SFT arm's LoRA bit for bit."""
+    knobs = {"steps": 2, "data.cache_dir": tmp_path / "cache", "num_sampling_steps": 4}
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "arms", objective="sft,scheduled,soar", **knobs)
+    records = {
+        arm: json.loads((out / arm / train.RUN_RECORD).read_text()) for arm in ("sft", "scheduled", "soar")
+    }
+    assert {arm: r["objective"] for arm, r in records.items()} == {a: a for a in records}
+    assert len({r["config"]["seed"] for r in records.values()}) == 1
+    assert records["scheduled"]["rollout"].startswith("scheduled sampling: up to 4 Euler steps")
+    loras = {arm: load_file(str(out / arm / LORA_FILE)) for arm in records}
+    assert any(not torch.equal(loras["sft"][k], loras["scheduled"][k]) for k in loras["sft"])
+    p0 = run(tiny_model_dir, tiny_data_dir, tmp_path / "p0", objective="scheduled",
+             **{"scheduled.rollout_probability": 0.0}, **knobs)  # fmt: skip
+    same = load_file(str(p0 / LORA_FILE))
+    assert all(torch.equal(same[k], loras["sft"][k]) for k in loras["sft"])
+    with pytest.raises(UserError, match="already holds a run"):  # and the folder still names its arms
+        run(tiny_model_dir, tiny_data_dir, out, objective="soar,sft", **knobs)
+    assert config.saved_objective(out) == "sft,scheduled,soar"
+
+
 def test_second_run_reuses_the_cache_without_loading_encoders(
     tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
 ):
