@@ -35,6 +35,7 @@ import torch
 
 from soar_lite.config import BUILTIN, LoraConfig, TrainConfig
 from soar_lite.errors import UserError
+from soar_lite.swap import WINDOW
 
 CONFIGS = Path(__file__).resolve().parent / "model_configs"
 ALIASES = {
@@ -79,6 +80,9 @@ FLUX_VAE_PARAMS = 83.8e6
 ENCODE_WORKSPACE_GB = 0.3  # activations of one chunk of prompts through T5-XXL
 STREAMED_LAYERS = 24  # sequential offload holds about one of T5-XXL's 24 blocks at a time
 PROCESS_RAM_GB = 1.5  # Python, torch and the libraries, before any weights
+# Host-to-device copies from pinned memory: ~12 GB/s is what PCIe 3.0 x16 (or a shared 4.0 x8 slot)
+# sustains; PCIe 4.0 x16 reaches ~20-25. The swap's time cost is stated at the slower figure.
+PCIE_GB_PER_S = 12.0
 
 
 def transformer_config(model: str) -> dict[str, Any]:
@@ -182,6 +186,30 @@ def plan_cache_stage(model: str, dtype: str, tier_gb: float | None) -> CacheStag
 
 
 @dataclass
+class SwapPlan:
+    """``model.swap_blocks``: what leaves the GPU, what the RAM holds instead, what crosses PCIe."""
+
+    blocks: int
+    of: int
+    swapped_gb: float  # the swapped blocks' weights (now in system RAM, pinned)
+    in_flight_gb: float  # the swapped blocks on the GPU at once (running + prefetched)
+    load_gb: float  # the GPU while loading, before the swap moves blocks out (full base + context)
+    ram_gb: float  # system RAM while training
+    copies_per_step: int  # block copies per optimizer step (upper bound: every pass copies each block)
+    pcie_gb_per_step: float
+
+    def render(self) -> str:
+        seconds = self.pcie_gb_per_step * GIB / 1e9 / PCIE_GB_PER_S
+        return "\n".join([
+            f"block swap: {self.blocks} of {self.of} blocks in system RAM",
+            f"  {'GPU while loading (before the swap)':38s} {self.load_gb:7.2f}",
+            f"  {'system RAM while training':38s} {self.ram_gb:7.2f}",
+            f"  PCIe traffic: {self.pcie_gb_per_step:.1f} GiB per optimizer step ({self.copies_per_step} "
+            f"block copies), ~{seconds:.1f} s at {PCIE_GB_PER_S:g} GB/s if not hidden behind compute",
+        ])  # fmt: skip
+
+
+@dataclass
 class Plan:
     """Estimated GiB per part of the training peak, the verdict for a tier, and the cache stage."""
 
@@ -189,6 +217,7 @@ class Plan:
     parts: dict[str, float]
     tier_gb: float | None
     cache: CacheStagePlan | None = None
+    swap: SwapPlan | None = None
 
     @property
     def total(self) -> float:
@@ -196,7 +225,10 @@ class Plan:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.tier_gb is None else self.total <= self.tier_gb * 0.95
+        if self.tier_gb is None:
+            return None
+        load = self.swap.load_gb if self.swap is not None else 0.0
+        return max(self.total, load) <= self.tier_gb * 0.95
 
     def render(self) -> str:
         lines = [f"memory plan for {self.model} (estimate, GiB)"]
@@ -205,6 +237,8 @@ class Plan:
         if self.tier_gb is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  {verdict} a {self.tier_gb:g} GB card (95 % usable)")
+        if self.swap is not None:
+            lines.append(self.swap.render())
         if self.cache is not None:
             lines.append(self.cache.render())
         return "\n".join(lines)
@@ -346,7 +380,72 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
         **({f"{adapter} full-size updates kept for backward (any batch)": deltas} if deltas else {}),
         "CUDA context + VAE decoder": CUDA_CONTEXT_GB + VAE_DECODER_GB,
     }
-    return Plan(model, parts, tier_gb, plan_cache_stage(model, cfg.model.dtype, tier_gb))
+    swap = None
+    if cfg.model.swap_blocks:
+        base_gb = next(v for k, v in parts.items() if k.startswith("base weights"))
+        swap = plan_swap(cfg, config, per_linear, base_bytes, base_gb)
+        parts[f"block swap ({swap.blocks} in RAM, {min(swap.blocks, WINDOW)} in flight)"] = (
+            swap.in_flight_gb - swap.swapped_gb
+        )
+    return Plan(model, parts, tier_gb, plan_cache_stage(model, cfg.model.dtype, tier_gb), swap)
+
+
+def block_bytes(config: dict[str, Any], per_linear: float, base_bytes: int) -> list[float]:
+    """Bytes of each transformer block's frozen weights at the chosen quantization, in forward order."""
+    import diffusers
+
+    from soar_lite.swap import blocks_of
+
+    cls = getattr(diffusers, config.get("_class_name", "SD3Transformer2DModel"))
+    with torch.device("meta"):
+        model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    sizes = []
+    for block in blocks_of(model):
+        linear = sum(
+            m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+            for m in block.modules()
+            if isinstance(m, torch.nn.Linear)
+        )
+        other = sum(p.numel() for p in block.parameters()) - linear
+        sizes.append(linear * per_linear + other * base_bytes)
+    return sizes
+
+
+def rollout_passes(cfg: TrainConfig, config: dict[str, Any]) -> int:
+    """No-grad forwards the rollout adds per micro-batch (SOAR.md "Families other than SD3")."""
+    if cfg.effective_lambda_aux == 0:
+        return 0
+    if is_flux(config):
+        guided = bool(config.get("guidance_embeds", False))
+        return int(guided and abs(cfg.soar.rollout_guidance - cfg.flux.guidance) > 1e-9)
+    return 1 if cfg.soar.reuse_main_pass else 2  # two-pass CFG: the unconditional half (+ conditional)
+
+
+def plan_swap(
+    cfg: TrainConfig, config: dict[str, Any], per_linear: float, base_bytes: int, base_gb: float
+) -> SwapPlan:
+    """The swap's effect: the last ``swap_blocks`` blocks leave the GPU but for the ones in flight;
+    each trained pass copies every swapped block twice (forward, checkpointed recompute), each
+    no-grad pass once (an upper bound: blocks still resident from the previous pass are not copied)."""
+    sizes = block_bytes(config, per_linear, base_bytes)
+    n = min(cfg.model.swap_blocks, len(sizes))
+    swapped = sizes[len(sizes) - n :]
+    in_flight = sum(sorted(swapped)[-WINDOW:]) if n else 0.0
+    trained = 1
+    if cfg.effective_lambda_aux:
+        trained += (cfg.soar.aux_budget or cfg.soar.trajectory_length) * cfg.soar.num_rollout_paths
+    passes = 2 * trained + rollout_passes(cfg, config)
+    rounds = 0 if n <= WINDOW else passes * cfg.gradient_accumulation  # <= WINDOW: they stay resident
+    return SwapPlan(
+        blocks=n,
+        of=len(sizes),
+        swapped_gb=sum(swapped) / GIB,
+        in_flight_gb=in_flight / GIB,
+        load_gb=CUDA_CONTEXT_GB + base_gb,
+        ram_gb=PROCESS_RAM_GB + sum(swapped) / GIB,
+        copies_per_step=n * rounds,
+        pcie_gb_per_step=sum(swapped) * rounds / GIB,
+    )
 
 
 def tier_of(preset: str) -> float | None:
@@ -370,12 +469,15 @@ def model_family(model: str) -> str:
 
 
 # Changes tried, in order, when a plan does not fit: each keeps the ones before it. The order is
-# what costs the least quality first (memory-only knobs), then resolution, then adapter size.
+# what costs the least quality first (memory-only knobs), then resolution, then adapter size. Block
+# swap costs time, not quality: it comes after quantization, with the fewest blocks that fit (all of
+# them, kept for the later steps, when even that does not).
 FIT_STEPS = (
     ("gradient_checkpointing", "true"),
     ("optimizer", "adamw8bit"),
     ("quant", "int8"),
     ("quant", "nf4"),
+    ("swap_blocks", "fewest"),
     ("resolution", "768"),
     ("resolution", "512"),
     ("batch_size", "1"),
@@ -393,6 +495,11 @@ def suggest(preset: str, overrides: list[str], model: str, tier_gb: float) -> tu
 
     chosen: dict[str, str] = {}
     for key, value in FIT_STEPS:
+        if key == "swap_blocks":
+            found = _fewest_swapped(build, chosen, model, tier_gb)
+            if found is not None:
+                return [f"{k}={v}" for k, v in found[0].items()], found[1]
+            continue
         now = _knob(build(chosen), key)
         if now == _knob(build({**chosen, key: value}), key) or (key == "resolution" and now < int(value)):
             continue  # already there (or already smaller): nothing to change
@@ -403,6 +510,29 @@ def suggest(preset: str, overrides: list[str], model: str, tier_gb: float) -> tu
     return None
 
 
+def _fewest_swapped(
+    build: Any, chosen: dict[str, str], model: str, tier_gb: float
+) -> tuple[dict[str, str], Plan] | None:
+    """The fewest swapped blocks under which the plan fits (bisection: the peak falls with each
+    block swapped); if none does, every block is swapped in ``chosen`` for the later steps."""
+    total = len(block_bytes(transformer_config(model), 1.0, 1))
+    lo, hi = WINDOW + 1, total  # up to WINDOW swapped blocks stay resident: nothing saved
+    if lo > hi:
+        return None
+    chosen.update(gradient_checkpointing="true", swap_blocks=str(hi))
+    best = plan(build(chosen), model, tier_gb)
+    if not best.fits:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        result = plan(build({**chosen, "swap_blocks": str(mid)}), model, tier_gb)
+        if result.fits:
+            hi, best = mid, result
+        else:
+            lo = mid + 1
+    return {**chosen, "swap_blocks": str(hi)}, best
+
+
 def _knob(cfg: TrainConfig, key: str) -> Any:
     return {
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
@@ -411,6 +541,7 @@ def _knob(cfg: TrainConfig, key: str) -> Any:
         "resolution": cfg.data.resolution or 1024,
         "batch_size": cfg.batch_size,
         "rank": cfg.lora.rank,
+        "swap_blocks": cfg.model.swap_blocks,
     }[key]
 
 

@@ -209,3 +209,56 @@ def test_training_with_swap_writes_the_same_lora(tiny_model_dir, tiny_data_dir, 
     cfg = config.build_config({}, [*overrides, "gradient_checkpointing=true", "swap_blocks=3"])
     with pytest.raises(UserError, match="has 2 blocks"):  # build_run did install the swap
         train.train(cfg, tmp_path / "too-many", progress=False)
+
+
+# ----------------------------------------------------------------------------- the planner
+
+
+@pytest.fixture(scope="module")
+def flux_config_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A folder with only a tiny FLUX transformer config (2 double + 3 single blocks): what the
+    planner reads, and the model it describes, to count its real blocks' bytes."""
+    from soar_lite.toy.tiny_flux import tiny_flux_transformer
+
+    model = tiny_flux_transformer(0, num_layers=2, num_single_layers=3)
+    folder = tmp_path_factory.mktemp("flux-config")
+    model.save_config(folder / "transformer")
+    return folder, model
+
+
+def test_planner_counts_the_swapped_blocks(flux_config_dir):
+    from soar_lite.config import build_config
+    from soar_lite.plan import GIB, PROCESS_RAM_GB, plan
+
+    folder, model = flux_config_dir
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    sizes = [sum(p.numel() * 4 for p in b.parameters()) for b in blocks]  # float32, no quantization
+    common = ["gradient_checkpointing=true", "trajectory_length=2", "gradient_accumulation=2"]
+    common.append("resolution=64")
+    off = plan(build_config({}, common), str(folder), 8)
+    on = plan(build_config({}, [*common, "swap_blocks=4"]), str(folder), 8)
+    swapped = sum(sizes[-4:])
+    in_flight = sum(sorted(sizes[-4:])[-2:])
+    assert on.swap.swapped_gb == pytest.approx(swapped / GIB, rel=1e-9)
+    assert on.swap.in_flight_gb == pytest.approx(in_flight / GIB, rel=1e-9)
+    assert on.total == pytest.approx(off.total - (swapped - in_flight) / GIB, rel=1e-9)
+    # per micro-batch: (main + K aux) x (forward + recompute) + the rollout's pass at guidance 3.5
+    rounds = (2 * (1 + 2) + 1) * 2
+    assert on.swap.copies_per_step == 4 * rounds
+    assert on.swap.pcie_gb_per_step == pytest.approx(swapped * rounds / GIB, rel=1e-9)
+    assert on.swap.ram_gb == pytest.approx(PROCESS_RAM_GB + swapped / GIB, rel=1e-9)
+    assert "PCIe traffic" in on.render() and "block swap" not in off.render()
+    kept = plan(build_config({}, [*common, "swap_blocks=2"]), str(folder), 8)  # two stay resident
+    assert kept.total == pytest.approx(off.total, rel=1e-9) and kept.swap.copies_per_step == 0
+
+
+def test_vram_fitting_swaps_the_fewest_blocks_after_quantization():
+    from soar_lite.config import load_config
+    from soar_lite.plan import plan, suggest
+
+    changes, fitted = suggest("flux-12gb", [], "flux.1-dev", 8)
+    assert "quant=nf4" in changes and fitted.fits
+    n = int(next(c for c in changes if c.startswith("swap_blocks=")).partition("=")[2])
+    assert not any(c.startswith("resolution=") for c in changes)  # swap comes before resolution
+    fewer = plan(load_config("flux-12gb", [*changes, f"swap_blocks={n - 1}"]), "flux.1-dev", 8)
+    assert not fewer.fits  # n is the fewest
