@@ -321,7 +321,7 @@ def _add_app_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", default="runs", help="where runs and uploaded datasets live (default runs/)")
 
 
-BENCHES = ("step", "cache", "quality")
+BENCHES = ("step", "cache", "quality", "swap")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "caption": (cmd_caption, "write captions for images that have none (BLIP, Florence-2, ...)"),
         "presets": (cmd_presets, "list presets, show one, or list every key"),
         "plan": (cmd_plan, "estimate peak GPU memory of a preset on a model (no weights needed)"),
-        "bench": (cmd_bench, "run a benchmark (step | cache | quality) and write its JSON"),
+        "bench": (cmd_bench, "run a benchmark (step | cache | quality | swap) and write its JSON"),
         "sample": (cmd_sample, "generate images: base model + optional LoRA(s), prompts x seeds"),
         "compare": (cmd_compare, "same prompts and seeds through base / SFT / SOAR (or any LoRAs): a grid"),
         "export": (cmd_export, "write a LoRA in kohya (SAI-native) or comfyui layout"),
