@@ -33,14 +33,16 @@ def test_bench_swap_record(tmp_path):
     model, _ = build_model(6)  # the same model, counted here from its parameters (float32)
     frozen = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad)
     frozen += sum(b.numel() * 4 for b in model.buffers())  # the positional table is a buffer
-    block = sum(p.numel() * 4 for p in model.transformer_blocks[-1].parameters() if not p.requires_grad)
+    # SD3's last block is smaller (context_pre_only): count each block
+    blocks = model.transformer_blocks
+    sizes = [sum(p.numel() * 4 for p in b.parameters() if not p.requires_grad) for b in blocks]
     assert rows["swap_0"]["base_weights_on_device_peak_mb"] * 2**20 == pytest.approx(frozen)
-    # all 6 swapped: two blocks in flight at the peak; 3 swapped: one block's worth saved
-    assert rows["swap_6"]["base_weights_on_device_peak_mb"] * 2**20 == pytest.approx(frozen - 4 * block)
-    assert rows["swap_3"]["base_weights_on_device_peak_mb"] * 2**20 == pytest.approx(frozen - block)
-    for name in ("swap_3", "swap_6"):
-        row = rows[name]
+    for n in (3, 6):  # the swapped blocks leave but for the two largest, in flight at the peak
+        row, swapped = rows[f"swap_{n}"], sizes[-n:]
+        expected = frozen - sum(swapped) + sum(sorted(swapped)[-2:])
+        assert row["base_weights_on_device_peak_mb"] * 2**20 == pytest.approx(expected)
         assert 0 < row["block_copies_per_step"] <= row["planned_block_copies_per_step"]
-        assert row["copied_mb_per_step"] * 2**20 == pytest.approx(row["block_copies_per_step"] * block)
+        copied, copies = row["copied_mb_per_step"] * 2**20, row["block_copies_per_step"]
+        assert min(swapped) * copies <= copied <= max(swapped) * copies
         assert row["median_step_s"] > 0
     assert record["summary"]["all_memory_ratio"] < record["summary"]["half_memory_ratio"] < 1.0
