@@ -40,7 +40,7 @@ class ModelConfig:
     """Which base model, and how it sits in memory (the frozen part of the run)."""
 
     path: str = BUILTIN  # diffusers SD3/SD3.5 or FLUX.1 pipeline folder or hub id; "builtin" = tiny toy
-    family: str = "auto"  # auto (from the folder's model_index.json) | sd3 | flux
+    family: str = "auto"  # auto (from the folder's model_index.json) | sd3 | flux | qwen
     dtype: str = "float32"  # dtype of the frozen base weights
     quant: str = "none"
     gradient_checkpointing: bool = False
@@ -49,7 +49,7 @@ class ModelConfig:
     swap_blocks: int = 0
 
     def __post_init__(self) -> None:
-        _choice("model.family", self.family, ("auto", "sd3", "flux"))
+        _choice("model.family", self.family, ("auto", "sd3", "flux", "qwen"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.quant", self.quant, ("none", "nf4", "int8", "torchao-int8", "torchao-fp8"))
         _positive("model.max_sequence_length", self.max_sequence_length, allow_zero=True)

@@ -47,6 +47,8 @@ ALIASES = {
     "black-forest-labs/FLUX.1-dev": "flux.1-dev",
     "flux.1-schnell": "flux.1-schnell",
     "black-forest-labs/FLUX.1-schnell": "flux.1-schnell",
+    "qwen-image": "qwen-image",
+    "Qwen/Qwen-Image": "qwen-image",
 }
 GIB = 2**30
 TOKEN_COEF_JOINT = 14.33  # saved values per token per hidden unit, one joint block, no checkpointing
@@ -58,6 +60,9 @@ DORA_FACTOR = 1.65  # a DoRA block keeps this many times a LoRA block's values (
 # ~18.5 values per token per hidden unit, a single-stream block (attention + 4x MLP in parallel) ~12.3
 TOKEN_COEF_FLUX_DOUBLE = 18.5
 TOKEN_COEF_FLUX_SINGLE = 12.3
+# Qwen-Image's dual-stream block, measured the same way (1 vs 2 blocks, LoRA on the family's targets,
+# 32/80/112 tokens): ~18.5 values per token per hidden unit + 16, as a FLUX double block
+TOKEN_COEF_QWEN = 18.5
 CONST_COEF = 16  # per-sample, per-block values independent of tokens, in hidden-unit multiples
 ACTIVATION_MARGIN = 1.2
 CUDA_CONTEXT_GB = 0.6
@@ -77,6 +82,10 @@ SD35_VAE_PARAMS = 83.7e6
 # FLUX.1 (dev and schnell): CLIP-L text tower (no projection) and the T5 v1.1 XXL encoder; its VAE
 FLUX_ENCODER_PARAMS = {"CLIP-L": 123.1e6, "T5-XXL": 4762.3e6}
 FLUX_VAE_PARAMS = 83.8e6
+# Qwen-Image: the whole Qwen2.5-VL-7B (language model, vision tower, head: the pipeline loads all of it)
+# and its video VAE (public counts, rounded)
+QWEN_ENCODER_PARAMS = {"Qwen2.5-VL-7B": 8292.2e6}
+QWEN_VAE_PARAMS = 126.9e6
 ENCODE_WORKSPACE_GB = 0.3  # activations of one chunk of prompts through T5-XXL
 STREAMED_LAYERS = 24  # sequential offload holds about one of T5-XXL's 24 blocks at a time
 PROCESS_RAM_GB = 1.5  # Python, torch and the libraries, before any weights
@@ -107,6 +116,8 @@ def encoder_params(model: str) -> tuple[dict[str, float], float]:
     public counts for SD3.5, safetensors headers for a local folder, the tiny base built in code."""
     if model in ALIASES and ALIASES[model].startswith("flux"):
         return dict(FLUX_ENCODER_PARAMS), FLUX_VAE_PARAMS
+    if model in ALIASES and ALIASES[model].startswith("qwen"):
+        return dict(QWEN_ENCODER_PARAMS), QWEN_VAE_PARAMS
     if model in ALIASES:
         return dict(SD35_ENCODER_PARAMS), SD35_VAE_PARAMS
     if model == BUILTIN:
@@ -301,6 +312,8 @@ def activation_values(
     ``DORA_FACTOR`` times as much (measured like the other coefficients; re-checked by the tests)."""
     if is_flux(config):
         return _flux_activation_values(config, resolution, text_tokens, checkpointing, dora)
+    if is_qwen(config):
+        return _qwen_activation_values(config, resolution, text_tokens, checkpointing, dora)
     image_tokens = (resolution // 8 // config["patch_size"]) ** 2
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     layers, dual = config["num_layers"], len(config.get("dual_attention_layers") or ())
@@ -315,6 +328,28 @@ def activation_values(
 
 def is_flux(config: dict[str, Any]) -> bool:
     return config.get("_class_name") == "FluxTransformer2DModel" or "num_single_layers" in config
+
+
+def is_qwen(config: dict[str, Any]) -> bool:
+    return config.get("_class_name") == "QwenImageTransformer2DModel"
+
+
+def config_family(config: dict[str, Any]) -> str:
+    """The family a transformer config belongs to (sd3, flux, qwen)."""
+    return "flux" if is_flux(config) else "qwen" if is_qwen(config) else "sd3"
+
+
+def _qwen_activation_values(
+    config: dict[str, Any], resolution: int, text_tokens: int, checkpointing: bool, dora: bool
+) -> float:
+    """Qwen-Image: 2x2-packed image tokens (1/16 of the pixels per side) + text tokens through its
+    dual-stream blocks (coefficient above); a checkpointed block keeps its input."""
+    tokens = (resolution // 16) ** 2 + text_tokens
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    block = (TOKEN_COEF_QWEN * tokens + CONST_COEF) * hidden * (DORA_FACTOR if dora else 1.0)
+    if checkpointing:
+        return config["num_layers"] * tokens * hidden + block
+    return config["num_layers"] * block
 
 
 def _flux_activation_values(
@@ -338,16 +373,18 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     """The estimated peak of training ``cfg`` on ``model`` (a name, id or folder)."""
     config = transformer_config(model)
     targets = list(cfg.lora.targets)
-    if is_flux(config) and targets == LoraConfig().targets:  # the generic default is SD3's
+    if config_family(config) != "sd3" and targets == LoraConfig().targets:  # the generic default is SD3's
         from soar_lite.families import family_class
 
-        targets = list(family_class("flux").default_lora_targets)
+        targets = list(family_class(config_family(config)).default_lora_targets)
     linear, other, lora = _count(config, targets, cfg.lora.rank)
     base_bytes = DTYPE_BYTES[cfg.model.dtype]
     per_linear = QUANT_BYTES[cfg.model.quant] or base_bytes
     # adafactor: factored, ~0; prodigy: exp_avg, exp_avg_sq, s and the initial weights p0
     optim_bytes = {"adamw8bit": 2, "adafactor": 1, "prodigy": 16}.get(cfg.optim.optimizer, 8)
-    if is_flux(config):  # T5 only in the sequence (CLIP-L gives the pooled vector); 512 as the pipeline
+    # FLUX: T5 only in the sequence (CLIP-L gives the pooled vector); 512 as the pipeline.
+    # Qwen-Image: an upper bound (the velocity trims a batch to its longest prompt)
+    if is_flux(config) or is_qwen(config):
         text_tokens = cfg.model.max_sequence_length or 512
     else:
         seq = cfg.model.max_sequence_length or 256
@@ -463,9 +500,9 @@ def preset_family(preset: str) -> str:
 def model_family(model: str) -> str:
     """The family of a model name, id or folder, from its transformer config (offline)."""
     try:
-        return "flux" if is_flux(transformer_config(model)) else "sd3"
+        return config_family(transformer_config(model))
     except UserError:
-        return "flux" if "flux" in model.lower() else "sd3"
+        return "flux" if "flux" in model.lower() else "qwen" if "qwen" in model.lower() else "sd3"
 
 
 # Changes tried, in order, when a plan does not fit: each keeps the ones before it. The order is
