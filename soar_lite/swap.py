@@ -231,14 +231,13 @@ def _block_bytes(block: _Block) -> int:
 
 def _home(t: Tensor, pin: bool) -> Tensor:
     """The system-RAM copy of ``t`` (pinned for asynchronous copies when the device is a GPU)."""
-    cpu = t.detach().to("cpu", copy=t.device.type == "cpu")
-    if pin:
+    if pin:  # straight into page-locked memory: one copy, no pageable stop on the way
         try:
-            return cpu.pin_memory()
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.detach())
         except RuntimeError as exc:  # page-locked memory is limited on some systems: slower, still right
             log.warning("block swap: cannot pin %d bytes (%s): copies will be synchronous",
-                        cpu.numel() * cpu.element_size(), str(exc).splitlines()[0])  # fmt: skip
-    return cpu
+                        t.numel() * t.element_size(), str(exc).splitlines()[0])  # fmt: skip
+    return t.detach().to("cpu", copy=t.device.type == "cpu")
 
 
 def _twin_data(home: Tensor, device: torch.device) -> Tensor:
