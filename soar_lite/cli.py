@@ -432,9 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--keys", action="store_true", help="list every settable key")
         if name == "plan":
             p.add_argument("--preset", default="24gb", help="preset name or .yaml path")
-            p.add_argument(
-                "--model", help="sd3.5-medium | sd3.5-large | flux.1-dev | qwen-image | hub id | pipeline folder"
-            )
+            models = "sd3.5-medium | sd3.5-large | flux.1-dev | qwen-image | hub id | pipeline folder"
+            p.add_argument("--model", help=models)
             p.add_argument("--vram", type=float, help="GPU memory in GB to plan for (default: preset's tier)")
             p.add_argument("overrides", nargs="*", metavar="key=value")
         if name == "app":
