@@ -48,6 +48,19 @@ from soar_lite.errors import UserError
 log = logging.getLogger("soar_lite.train")
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks")  # SD3, FLUX (double, single), Qwen-Image
 WINDOW = 2  # swapped blocks resident at once: the running one and the one being prefetched
+RAM_SHARE = 0.9  # of the RAM available at install the swapped weights may take (pinned pages stay put)
+
+
+def available_ram_bytes() -> int | None:
+    """System RAM available now (Linux ``MemAvailable``; None where unknown: no check)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def blocks_of(transformer: torch.nn.Module) -> list[torch.nn.Module]:
@@ -105,6 +118,13 @@ class BlockSwap:
         self.cuda = self.device.type == "cuda"
         self.poison, self.window = poison, max(window, 1)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        wanted = sum(frozen_bytes(b) for b in blocks[len(blocks) - count :])
+        free = available_ram_bytes()
+        if free is not None and wanted > RAM_SHARE * free:  # before anything moves: no OOM half-way
+            raise UserError(
+                f"model.swap_blocks={count} needs {wanted / 2**30:.1f} GiB of system RAM and "
+                f"{free / 2**30:.1f} GiB is available: swap fewer blocks or free memory"
+            )
         self.order = list(range(len(blocks)))
         self.swapped: dict[int, _Block] = {}
         self.resident: list[int] = []  # least recently used first

@@ -147,12 +147,19 @@ def test_swap_all_blocks_and_remove_restores_the_model():
     torch.testing.assert_close(after, ref, rtol=1e-6, atol=0)
 
 
-def test_bad_counts_and_missing_checkpointing_are_one_line_errors():
+def test_bad_counts_missing_checkpointing_and_too_little_ram_are_one_line_errors(monkeypatch):
+    from soar_lite import swap
     from soar_lite.config import build_config
 
     model, *_ = _sd3()
     with pytest.raises(UserError, match="has 4 blocks"):
         BlockSwap(model, 5, "cpu")
+    model.requires_grad_(False)  # a frozen base: what a swap moves
+    before = [p.data_ptr() for p in model.parameters()]
+    monkeypatch.setattr(swap, "available_ram_bytes", lambda: 1_000_000)  # 1 MB free: 3 blocks are ~7 MB
+    with pytest.raises(UserError, match=r"needs 0.0 GiB of system RAM and 0.0 GiB is available"):
+        BlockSwap(model, 3, "cpu")
+    assert [p.data_ptr() for p in model.parameters()] == before  # refused before anything moved
     with pytest.raises(UserError, match="gradient_checkpointing=true"):
         build_config({}, ["swap_blocks=2"])
     assert build_config({}, ["swap_blocks=2", "gradient_checkpointing=true"]).model.swap_blocks == 2
