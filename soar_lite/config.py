@@ -39,7 +39,7 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 class ModelConfig:
     """Which base model, and how it sits in memory (the frozen part of the run)."""
 
-    path: str = BUILTIN  # diffusers SD3/SD3.5 or FLUX.1 pipeline folder or hub id; "builtin" = tiny toy
+    path: str = BUILTIN  # diffusers SD3/SD3.5, FLUX.1 or Qwen-Image folder or hub id; "builtin" = tiny toy
     family: str = "auto"  # auto (from the folder's model_index.json) | sd3 | flux | qwen
     dtype: str = "float32"  # dtype of the frozen base weights
     quant: str = "none"
