@@ -343,7 +343,7 @@ def _add_app_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-BENCHES = ("step", "cache", "quality")
+BENCHES = ("step", "cache", "quality", "swap")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
         "caption": (cmd_caption, "write captions for images that have none (BLIP, Florence-2, ...)"),
         "presets": (cmd_presets, "list presets, show one, or list every key"),
         "plan": (cmd_plan, "estimate peak GPU memory of a preset on a model (no weights needed)"),
-        "bench": (cmd_bench, "run a benchmark (step | cache | quality) and write its JSON"),
+        "bench": (cmd_bench, "run a benchmark (step | cache | quality | swap) and write its JSON"),
         "sample": (cmd_sample, "generate images: base model + optional LoRA(s), prompts x seeds"),
         "compare": (cmd_compare, "same prompts and seeds through base / SFT / SOAR (or any LoRAs): a grid"),
         "export": (cmd_export, "write a LoRA in kohya (SAI-native) or comfyui layout"),
@@ -454,7 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--keys", action="store_true", help="list every settable key")
         if name == "plan":
             p.add_argument("--preset", default="24gb", help="preset name or .yaml path")
-            p.add_argument("--model", help="sd3.5-medium | sd3.5-large | hub id | pipeline folder")
+            models = "sd3.5-medium | sd3.5-large | flux.1-dev | qwen-image | hub id | pipeline folder"
+            p.add_argument("--model", help=models)
             p.add_argument("--vram", type=float, help="GPU memory in GB to plan for (default: preset's tier)")
             p.add_argument("overrides", nargs="*", metavar="key=value")
         if name == "app":

@@ -84,18 +84,26 @@ def _check_finite(section: Any, prefix: str = "") -> None:
 class ModelConfig:
     """Which base model, and how it sits in memory (the frozen part of the run)."""
 
-    path: str = BUILTIN  # diffusers SD3/SD3.5 or FLUX.1 pipeline folder or hub id; "builtin" = tiny toy
-    family: str = "auto"  # auto (from the folder's model_index.json) | sd3 | flux
+    path: str = BUILTIN  # diffusers SD3/SD3.5, FLUX.1 or Qwen-Image folder or hub id; "builtin" = tiny toy
+    family: str = "auto"  # auto (from the folder's model_index.json) | sd3 | flux | qwen
     dtype: str = "float32"  # dtype of the frozen base weights
     quant: str = "none"
     gradient_checkpointing: bool = False
     max_sequence_length: int = 0  # T5 tokens; 0 = the model folder's soar_lite.json or 256
+    # the last N transformer blocks' frozen weights in system RAM, copied in one block ahead (0 = off)
+    swap_blocks: int = 0
 
     def __post_init__(self) -> None:
-        _choice("model.family", self.family, ("auto", "sd3", "flux"))
+        _choice("model.family", self.family, ("auto", "sd3", "flux", "qwen"))
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _choice("model.quant", self.quant, ("none", "nf4", "int8", "torchao-int8", "torchao-fp8"))
         _positive("model.max_sequence_length", self.max_sequence_length, allow_zero=True)
+        _positive("model.swap_blocks", self.swap_blocks, allow_zero=True)
+        if self.swap_blocks and not self.gradient_checkpointing:
+            raise UserError(
+                "model.swap_blocks needs model.gradient_checkpointing=true (without it the backward keeps "
+                "every block's weights on the GPU)"
+            )
 
 
 @dataclass

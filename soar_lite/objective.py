@@ -80,12 +80,17 @@ class Rollout:
     mode: str = "cfg"
     scale: float = 4.5
     velocity: Velocity | None = None
+    # cfg only: the family's own way to combine (v_cond, v_uncond, scale) where its sampler is not
+    # plain CFG (Qwen-Image rescales the guided velocity to the conditional one's norm per token)
+    combine: Callable[[Tensor, Tensor, float], Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("cfg", "single"):
             raise ValueError(f"unknown rollout mode {self.mode!r}")
         if self.mode == "cfg" and self.velocity is not None:
             raise ValueError("a cfg rollout uses the trained velocity; pass velocity only for mode 'single'")
+        if self.mode == "single" and self.combine is not None:
+            raise ValueError("combine applies to a cfg rollout only")
 
     def reuses_main_pass(self, cfg: SoarConfig) -> bool:
         """Whether the main pass's output stands in for a rollout pass (exact: SOAR.md)."""
@@ -95,7 +100,8 @@ class Rollout:
         """One line for the run record: which passes the rollout made."""
         if self.mode == "cfg":
             half = "reused main pass" if self.reuses_main_pass(cfg) else "separate pass"
-            return f"two-pass CFG at {self.scale:g} (conditional half: {half})"
+            rescaled = ", rescaled to the conditional norm" if self.combine is not None else ""
+            return f"two-pass CFG at {self.scale:g}{rescaled} (conditional half: {half})"
         if self.velocity is not None:
             return "one no-grad pass at the sampler's embedded guidance"
         return "the main pass's output" if self.reuses_main_pass(cfg) else "one separate no-grad pass"
@@ -346,7 +352,10 @@ def _rollout(
         if v_cond is None:
             v_cond = velocity(zs0, t_model, cond)
             report.nograd_forwards += 1
-        v_cfg = v_uncond.float() + rollout.scale * (v_cond.float() - v_uncond.float())
+        if rollout.combine is not None:
+            v_cfg = rollout.combine(v_cond.float(), v_uncond.float(), rollout.scale)
+        else:
+            v_cfg = v_uncond.float() + rollout.scale * (v_cond.float() - v_uncond.float())
     return v_cfg.clone()
 
 

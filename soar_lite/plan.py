@@ -36,6 +36,7 @@ import torch
 from soar_lite.config import BUILTIN, LoraConfig, TrainConfig
 from soar_lite.errors import UserError
 from soar_lite.resources import MODEL_CONFIGS, data_files
+from soar_lite.swap import WINDOW
 
 ALIASES = {
     "sd3.5-medium": "sd3.5-medium",
@@ -46,6 +47,8 @@ ALIASES = {
     "black-forest-labs/FLUX.1-dev": "flux.1-dev",
     "flux.1-schnell": "flux.1-schnell",
     "black-forest-labs/FLUX.1-schnell": "flux.1-schnell",
+    "qwen-image": "qwen-image",
+    "Qwen/Qwen-Image": "qwen-image",
 }
 GIB = 2**30
 TOKEN_COEF_JOINT = 14.33  # saved values per token per hidden unit, one joint block, no checkpointing
@@ -57,6 +60,9 @@ DORA_FACTOR = 1.65  # a DoRA block keeps this many times a LoRA block's values (
 # ~18.5 values per token per hidden unit, a single-stream block (attention + 4x MLP in parallel) ~12.3
 TOKEN_COEF_FLUX_DOUBLE = 18.5
 TOKEN_COEF_FLUX_SINGLE = 12.3
+# Qwen-Image's dual-stream block, measured the same way (1 vs 2 blocks, LoRA on the family's targets,
+# 32/80/112 tokens): ~18.5 values per token per hidden unit + 16, as a FLUX double block
+TOKEN_COEF_QWEN = 18.5
 CONST_COEF = 16  # per-sample, per-block values independent of tokens, in hidden-unit multiples
 ACTIVATION_MARGIN = 1.2
 CUDA_CONTEXT_GB = 0.6
@@ -76,9 +82,16 @@ SD35_VAE_PARAMS = 83.7e6
 # FLUX.1 (dev and schnell): CLIP-L text tower (no projection) and the T5 v1.1 XXL encoder; its VAE
 FLUX_ENCODER_PARAMS = {"CLIP-L": 123.1e6, "T5-XXL": 4762.3e6}
 FLUX_VAE_PARAMS = 83.8e6
+# Qwen-Image: the whole Qwen2.5-VL-7B (language model, vision tower, head: the pipeline loads all of it)
+# and its video VAE (public counts, rounded)
+QWEN_ENCODER_PARAMS = {"Qwen2.5-VL-7B": 8292.2e6}
+QWEN_VAE_PARAMS = 126.9e6
 ENCODE_WORKSPACE_GB = 0.3  # activations of one chunk of prompts through T5-XXL
 STREAMED_LAYERS = 24  # sequential offload holds about one of T5-XXL's 24 blocks at a time
 PROCESS_RAM_GB = 1.5  # Python, torch and the libraries, before any weights
+# Host-to-device copies from pinned memory: ~12 GB/s is what PCIe 3.0 x16 (or a shared 4.0 x8 slot)
+# sustains; PCIe 4.0 x16 reaches ~20-25. The swap's time cost is stated at the slower figure.
+PCIE_GB_PER_S = 12.0
 
 
 def transformer_config(model: str) -> dict[str, Any]:
@@ -103,6 +116,8 @@ def encoder_params(model: str) -> tuple[dict[str, float], float]:
     public counts for SD3.5, safetensors headers for a local folder, the tiny base built in code."""
     if model in ALIASES and ALIASES[model].startswith("flux"):
         return dict(FLUX_ENCODER_PARAMS), FLUX_VAE_PARAMS
+    if model in ALIASES and ALIASES[model].startswith("qwen"):
+        return dict(QWEN_ENCODER_PARAMS), QWEN_VAE_PARAMS
     if model in ALIASES:
         return dict(SD35_ENCODER_PARAMS), SD35_VAE_PARAMS
     if model == BUILTIN:
@@ -182,6 +197,30 @@ def plan_cache_stage(model: str, dtype: str, tier_gb: float | None) -> CacheStag
 
 
 @dataclass
+class SwapPlan:
+    """``model.swap_blocks``: what leaves the GPU, what the RAM holds instead, what crosses PCIe."""
+
+    blocks: int
+    of: int
+    swapped_gb: float  # the swapped blocks' weights (now in system RAM, pinned)
+    in_flight_gb: float  # the swapped blocks on the GPU at once (running + prefetched)
+    load_gb: float  # the GPU while loading, before the swap moves blocks out (full base + context)
+    ram_gb: float  # system RAM while training
+    copies_per_step: int  # block copies per optimizer step (upper bound: every pass copies each block)
+    pcie_gb_per_step: float
+
+    def render(self) -> str:
+        seconds = self.pcie_gb_per_step * GIB / 1e9 / PCIE_GB_PER_S
+        return "\n".join([
+            f"block swap: {self.blocks} of {self.of} blocks in system RAM",
+            f"  {'GPU while loading (before the swap)':38s} {self.load_gb:7.2f}",
+            f"  {'system RAM while training':38s} {self.ram_gb:7.2f}",
+            f"  PCIe traffic: {self.pcie_gb_per_step:.1f} GiB per optimizer step ({self.copies_per_step} "
+            f"block copies), ~{seconds:.1f} s at {PCIE_GB_PER_S:g} GB/s if not hidden behind compute",
+        ])  # fmt: skip
+
+
+@dataclass
 class Plan:
     """Estimated GiB per part of the training peak, the verdict for a tier, and the cache stage."""
 
@@ -189,6 +228,7 @@ class Plan:
     parts: dict[str, float]
     tier_gb: float | None
     cache: CacheStagePlan | None = None
+    swap: SwapPlan | None = None
 
     @property
     def total(self) -> float:
@@ -196,7 +236,10 @@ class Plan:
 
     @property
     def fits(self) -> bool | None:
-        return None if self.tier_gb is None else self.total <= self.tier_gb * 0.95
+        if self.tier_gb is None:
+            return None
+        load = self.swap.load_gb if self.swap is not None else 0.0
+        return max(self.total, load) <= self.tier_gb * 0.95
 
     def render(self) -> str:
         lines = [f"memory plan for {self.model} (estimate, GiB)"]
@@ -205,6 +248,8 @@ class Plan:
         if self.tier_gb is not None:
             verdict = "fits" if self.fits else "does NOT fit"
             lines.append(f"  {verdict} a {self.tier_gb:g} GB card (95 % usable)")
+        if self.swap is not None:
+            lines.append(self.swap.render())
         if self.cache is not None:
             lines.append(self.cache.render())
         return "\n".join(lines)
@@ -267,6 +312,8 @@ def activation_values(
     ``DORA_FACTOR`` times as much (measured like the other coefficients; re-checked by the tests)."""
     if is_flux(config):
         return _flux_activation_values(config, resolution, text_tokens, checkpointing, dora)
+    if is_qwen(config):
+        return _qwen_activation_values(config, resolution, text_tokens, checkpointing, dora)
     image_tokens = (resolution // 8 // config["patch_size"]) ** 2
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     layers, dual = config["num_layers"], len(config.get("dual_attention_layers") or ())
@@ -281,6 +328,28 @@ def activation_values(
 
 def is_flux(config: dict[str, Any]) -> bool:
     return config.get("_class_name") == "FluxTransformer2DModel" or "num_single_layers" in config
+
+
+def is_qwen(config: dict[str, Any]) -> bool:
+    return config.get("_class_name") == "QwenImageTransformer2DModel"
+
+
+def config_family(config: dict[str, Any]) -> str:
+    """The family a transformer config belongs to (sd3, flux, qwen)."""
+    return "flux" if is_flux(config) else "qwen" if is_qwen(config) else "sd3"
+
+
+def _qwen_activation_values(
+    config: dict[str, Any], resolution: int, text_tokens: int, checkpointing: bool, dora: bool
+) -> float:
+    """Qwen-Image: 2x2-packed image tokens (1/16 of the pixels per side) + text tokens through its
+    dual-stream blocks (coefficient above); a checkpointed block keeps its input."""
+    tokens = (resolution // 16) ** 2 + text_tokens
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    block = (TOKEN_COEF_QWEN * tokens + CONST_COEF) * hidden * (DORA_FACTOR if dora else 1.0)
+    if checkpointing:
+        return config["num_layers"] * tokens * hidden + block
+    return config["num_layers"] * block
 
 
 def _flux_activation_values(
@@ -304,16 +373,18 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     """The estimated peak of training ``cfg`` on ``model`` (a name, id or folder)."""
     config = transformer_config(model)
     targets = list(cfg.lora.targets)
-    if is_flux(config) and targets == LoraConfig().targets:  # the generic default is SD3's
+    if config_family(config) != "sd3" and targets == LoraConfig().targets:  # the generic default is SD3's
         from soar_lite.families import family_class
 
-        targets = list(family_class("flux").default_lora_targets)
+        targets = list(family_class(config_family(config)).default_lora_targets)
     linear, other, lora = _count(config, targets, cfg.lora.rank)
     base_bytes = DTYPE_BYTES[cfg.model.dtype]
     per_linear = QUANT_BYTES[cfg.model.quant] or base_bytes
     # adafactor: factored, ~0; prodigy: exp_avg, exp_avg_sq, s and the initial weights p0
     optim_bytes = {"adamw8bit": 2, "adafactor": 1, "prodigy": 16}.get(cfg.optim.optimizer, 8)
-    if is_flux(config):  # T5 only in the sequence (CLIP-L gives the pooled vector); 512 as the pipeline
+    # FLUX: T5 only in the sequence (CLIP-L gives the pooled vector); 512 as the pipeline.
+    # Qwen-Image: an upper bound (the velocity trims a batch to its longest prompt)
+    if is_flux(config) or is_qwen(config):
         text_tokens = cfg.model.max_sequence_length or 512
     else:
         seq = cfg.model.max_sequence_length or 256
@@ -346,7 +417,72 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
         **({f"{adapter} full-size updates kept for backward (any batch)": deltas} if deltas else {}),
         "CUDA context + VAE decoder": CUDA_CONTEXT_GB + VAE_DECODER_GB,
     }
-    return Plan(model, parts, tier_gb, plan_cache_stage(model, cfg.model.dtype, tier_gb))
+    swap = None
+    if cfg.model.swap_blocks:
+        base_gb = next(v for k, v in parts.items() if k.startswith("base weights"))
+        swap = plan_swap(cfg, config, per_linear, base_bytes, base_gb)
+        parts[f"block swap ({swap.blocks} in RAM, {min(swap.blocks, WINDOW)} in flight)"] = (
+            swap.in_flight_gb - swap.swapped_gb
+        )
+    return Plan(model, parts, tier_gb, plan_cache_stage(model, cfg.model.dtype, tier_gb), swap)
+
+
+def block_bytes(config: dict[str, Any], per_linear: float, base_bytes: int) -> list[float]:
+    """Bytes of each transformer block's frozen weights at the chosen quantization, in forward order."""
+    import diffusers
+
+    from soar_lite.swap import blocks_of
+
+    cls = getattr(diffusers, config.get("_class_name", "SD3Transformer2DModel"))
+    with torch.device("meta"):
+        model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    sizes = []
+    for block in blocks_of(model):
+        linear = sum(
+            m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+            for m in block.modules()
+            if isinstance(m, torch.nn.Linear)
+        )
+        other = sum(p.numel() for p in block.parameters()) - linear
+        sizes.append(linear * per_linear + other * base_bytes)
+    return sizes
+
+
+def rollout_passes(cfg: TrainConfig, config: dict[str, Any]) -> int:
+    """No-grad forwards the rollout adds per micro-batch (SOAR.md "Families other than SD3")."""
+    if cfg.effective_lambda_aux == 0:
+        return 0
+    if is_flux(config):
+        guided = bool(config.get("guidance_embeds", False))
+        return int(guided and abs(cfg.soar.rollout_guidance - cfg.flux.guidance) > 1e-9)
+    return 1 if cfg.soar.reuse_main_pass else 2  # two-pass CFG: the unconditional half (+ conditional)
+
+
+def plan_swap(
+    cfg: TrainConfig, config: dict[str, Any], per_linear: float, base_bytes: int, base_gb: float
+) -> SwapPlan:
+    """The swap's effect: the last ``swap_blocks`` blocks leave the GPU but for the ones in flight;
+    each trained pass copies every swapped block twice (forward, checkpointed recompute), each
+    no-grad pass once (an upper bound: blocks still resident from the previous pass are not copied)."""
+    sizes = block_bytes(config, per_linear, base_bytes)
+    n = min(cfg.model.swap_blocks, len(sizes))
+    swapped = sizes[len(sizes) - n :]
+    in_flight = sum(sorted(swapped)[-WINDOW:]) if n else 0.0
+    trained = 1
+    if cfg.effective_lambda_aux:
+        trained += (cfg.soar.aux_budget or cfg.soar.trajectory_length) * cfg.soar.num_rollout_paths
+    passes = 2 * trained + rollout_passes(cfg, config)
+    rounds = 0 if n <= WINDOW else passes * cfg.gradient_accumulation  # <= WINDOW: they stay resident
+    return SwapPlan(
+        blocks=n,
+        of=len(sizes),
+        swapped_gb=sum(swapped) / GIB,
+        in_flight_gb=in_flight / GIB,
+        load_gb=CUDA_CONTEXT_GB + base_gb,
+        ram_gb=PROCESS_RAM_GB + sum(swapped) / GIB,
+        copies_per_step=n * rounds,
+        pcie_gb_per_step=sum(swapped) * rounds / GIB,
+    )
 
 
 def tier_of(preset: str) -> float | None:
@@ -364,18 +500,21 @@ def preset_family(preset: str) -> str:
 def model_family(model: str) -> str:
     """The family of a model name, id or folder, from its transformer config (offline)."""
     try:
-        return "flux" if is_flux(transformer_config(model)) else "sd3"
+        return config_family(transformer_config(model))
     except UserError:
-        return "flux" if "flux" in model.lower() else "sd3"
+        return "flux" if "flux" in model.lower() else "qwen" if "qwen" in model.lower() else "sd3"
 
 
 # Changes tried, in order, when a plan does not fit: each keeps the ones before it. The order is
-# what costs the least quality first (memory-only knobs), then resolution, then adapter size.
+# what costs the least quality first (memory-only knobs), then resolution, then adapter size. Block
+# swap costs time, not quality: it comes after quantization, with the fewest blocks that fit (all of
+# them, kept for the later steps, when even that does not).
 FIT_STEPS = (
     ("gradient_checkpointing", "true"),
     ("optimizer", "adamw8bit"),
     ("quant", "int8"),
     ("quant", "nf4"),
+    ("swap_blocks", "fewest"),
     ("resolution", "768"),
     ("resolution", "512"),
     ("batch_size", "1"),
@@ -393,6 +532,11 @@ def suggest(preset: str, overrides: list[str], model: str, tier_gb: float) -> tu
 
     chosen: dict[str, str] = {}
     for key, value in FIT_STEPS:
+        if key == "swap_blocks":
+            found = _fewest_swapped(build, chosen, model, tier_gb)
+            if found is not None:
+                return [f"{k}={v}" for k, v in found[0].items()], found[1]
+            continue
         now = _knob(build(chosen), key)
         if now == _knob(build({**chosen, key: value}), key) or (key == "resolution" and now < int(value)):
             continue  # already there (or already smaller): nothing to change
@@ -403,6 +547,29 @@ def suggest(preset: str, overrides: list[str], model: str, tier_gb: float) -> tu
     return None
 
 
+def _fewest_swapped(
+    build: Any, chosen: dict[str, str], model: str, tier_gb: float
+) -> tuple[dict[str, str], Plan] | None:
+    """The fewest swapped blocks under which the plan fits (bisection: the peak falls with each
+    block swapped); if none does, every block is swapped in ``chosen`` for the later steps."""
+    total = len(block_bytes(transformer_config(model), 1.0, 1))
+    lo, hi = WINDOW + 1, total  # up to WINDOW swapped blocks stay resident: nothing saved
+    if lo > hi:
+        return None
+    chosen.update(gradient_checkpointing="true", swap_blocks=str(hi))
+    best = plan(build(chosen), model, tier_gb)
+    if not best.fits:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        result = plan(build({**chosen, "swap_blocks": str(mid)}), model, tier_gb)
+        if result.fits:
+            hi, best = mid, result
+        else:
+            lo = mid + 1
+    return {**chosen, "swap_blocks": str(hi)}, best
+
+
 def _knob(cfg: TrainConfig, key: str) -> Any:
     return {
         "gradient_checkpointing": cfg.model.gradient_checkpointing,
@@ -411,6 +578,7 @@ def _knob(cfg: TrainConfig, key: str) -> Any:
         "resolution": cfg.data.resolution or 1024,
         "batch_size": cfg.batch_size,
         "rank": cfg.lora.rank,
+        "swap_blocks": cfg.model.swap_blocks,
     }[key]
 
 

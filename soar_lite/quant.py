@@ -18,7 +18,10 @@ from soar_lite.errors import UserError
 RUNS_ON_CPU = ("none", "torchao-int8", "nf4", "int8")
 # Outside the transformer blocks (embedders, final norm and projection: <1 % of the weights) stays in
 # the base dtype on both paths, so the CPU-tested layout is the CUDA one.
-KEEP_DENSE = ("pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out")
+KEEP_DENSE = (
+    "pos_embed", "x_embedder", "context_embedder", "time_text_embed", "norm_out", "proj_out",
+    "img_in", "txt_in",  # Qwen-Image's embedders
+)  # fmt: skip
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold: bitsandbytes' and diffusers' default
 
 

@@ -21,7 +21,7 @@ import yaml
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from soar_lite import cache, checkpoint, families, lora, run_folder
+from soar_lite import cache, checkpoint, families, lora, run_folder, swap
 from soar_lite.base_model import check_resolution, resolve_model, resolve_resolution
 from soar_lite.config import SoarConfig, TrainConfig, config_to_dict, with_family_defaults
 from soar_lite.data import load_items
@@ -229,6 +229,7 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
         buffers = [name for name, _ in transformer.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen + buffers)
     model, optimizer = accelerator.prepare(family.transformer, optimizer)
+    swap.install(family.transformer, cfg.model.swap_blocks, accelerator.device)  # after prepare's .to()
     # Every draw is made on the CPU and moved: CUDA random kernels depend on the GPU model (SM count),
     # so a CPU generator gives every process, card and machine the same global draws.
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -175,7 +175,9 @@ def test_suggest_finds_the_cheapest_changes_that_fit():
     assert changes == ["quant=int8"] and fitted.fits
     changes, fitted = suggest("48gb", [], "sd3.5-large", 6)
     assert fitted.fits and fitted.total <= 6 * 0.95
-    assert "quant=nf4" in changes and "resolution=512" in changes
+    assert "quant=nf4" in changes and "gradient_checkpointing=true" in changes
+    # block swap (time, not quality) before any resolution change
+    assert any(c.startswith("swap_blocks=") for c in changes) and not any("resolution" in c for c in changes)
     assert suggest("48gb", [], "sd3.5-large", 2) is None
 
 

@@ -13,12 +13,21 @@ from typing import Any
 
 from soar_lite.errors import UserError
 
-FAMILIES = {"sd3": "soar_lite.families.sd3:SD3Family", "flux": "soar_lite.families.flux:FluxFamily"}
+FAMILIES = {
+    "sd3": "soar_lite.families.sd3:SD3Family",
+    "flux": "soar_lite.families.flux:FluxFamily",
+    "qwen": "soar_lite.families.qwen_image:QwenImageFamily",
+}
 PIPELINE_CLASSES = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "QwenImagePipeline": "qwen",
 }
-TRANSFORMER_CLASSES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+TRANSFORMER_CLASSES = {
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "QwenImageTransformer2DModel": "qwen",
+}
 
 
 def family_class(name: str) -> Any:
@@ -44,9 +53,11 @@ def detect_family(path: str | Path) -> str:
         if name:
             raise UserError(f"{folder}: {name} is not a supported family (supported: {', '.join(FAMILIES)})")
     if not folder.exists():  # a hub id: the name is all there is before a download
-        return "flux" if "flux" in str(path).lower() else "sd3"
+        name = str(path).lower()
+        return "flux" if "flux" in name else "qwen" if "qwen" in name else "sd3"
     raise UserError(
-        f"{folder} has no model_index.json: is this a diffusers SD3 pipeline folder? (or a FLUX.1 one)"
+        f"{folder} has no model_index.json: is this a diffusers SD3 pipeline folder? "
+        "(or a FLUX.1 or Qwen-Image one)"
     )
 
 
