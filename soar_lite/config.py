@@ -377,6 +377,12 @@ class TrainConfig:
         _positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
         _positive("keep_checkpoints", self.keep_checkpoints)
         _positive("log_every", self.log_every)
+        if self.model.quant == "nf4" and self.lora.type in ("lokr", "loha"):
+            raise UserError(
+                f"lora.type={self.lora.type} cannot train on an NF4 base: peft's {self.lora.type} reshapes "
+                "the base weight, which bitsandbytes stores packed; use quant=int8, torchao-int8 or none, "
+                "or lora.type=lora"
+            )
         if self.optim.loraplus_ratio and self.lora.type in ("lokr", "loha"):
             raise UserError(
                 f"optim.loraplus_ratio speeds up LoRA's B matrices; lora.type={self.lora.type} has none: "
