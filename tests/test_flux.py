@@ -210,7 +210,7 @@ def test_per_term_equals_joint_and_reuse_equals_separate_pass(flux_dev, flux_sch
         )
         if not per_term:
             report.loss.backward()
-        results[name] = (float(report.loss), _grads(params), report.nograd_forwards)
+        results[name] = (float(report.loss.detach()), _grads(params), report.nograd_forwards)
     assert results["joint"][2] == 0 and results["separate"][2] == 1  # reuse saves exactly one pass
     for other in ("per_term", "separate"):
         assert results[other][0] == pytest.approx(results["joint"][0], rel=1e-6)
