@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,52 @@ def load_transformer(cls: Any, path: str, dtype: torch.dtype, quant: str, device
             quantization.quantize_bnb_linears(model, quant, dtype)
         model.to(device)
     return model
+
+
+def load_pipeline(
+    pipeline_cls: Any,
+    transformer_cls: Any,
+    path: str,
+    text_parts: tuple[str, ...],
+    *,
+    device: torch.device | str,
+    dtype: str,
+    quant: str,
+    transformer: bool,
+    text_encoders: bool,
+    vae: bool,
+    encoder_offload: str,
+    absent: Callable[[], dict[str, None]] | None = None,
+) -> tuple[Any, Any, torch.dtype]:
+    """Every family's load: the pipeline without its denoiser (and without the VAE or the text side,
+    ``text_parts``, when not asked for), the frozen denoiser quantized as ``quant`` says, the
+    encoders placed by ``encoder_offload``. ``absent()`` names more parts to leave out (read inside
+    the same error guard: SD3 without T5). Returns (pipeline, denoiser or None, torch dtype)."""
+    from soar_lite import quant as quantization
+
+    check_model_path(path)
+    quantization.check_backend(quant, device)
+    torch_dtype = DTYPES[dtype]
+    parts: dict[str, Any] = {"transformer": None}
+    if not vae:
+        parts["vae"] = None
+    if not text_encoders:
+        parts.update(dict.fromkeys(text_parts))
+    try:
+        parts.update(absent() if absent is not None else {})
+        pipe = pipeline_cls.from_pretrained(path, dtype=torch_dtype, **parts)
+        model = load_transformer(transformer_cls, path, torch_dtype, quant, device) if transformer else None
+    except OSError as exc:
+        raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
+    names = [name for name in text_parts if name.startswith("text_encoder")]
+    encoders = [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
+    place_parts(pipe.vae, encoders, torch.device(device), encoder_offload)
+    return pipe, model, torch_dtype
+
+
+def sequence_length(path: str, requested: int, default: int) -> int:
+    """Text tokens per prompt: as requested, else the folder's ``soar_lite.json``, else ``default``."""
+    return requested or (FolderSettings.read(path).max_sequence_length or default)
 
 
 def place_parts(

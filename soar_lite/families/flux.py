@@ -29,16 +29,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from torch import Tensor
 
-from soar_lite.errors import UserError
-from soar_lite.families.common import (
-    DTYPES,
-    FamilyLayout,
-    FolderSettings,
-    check_model_path,
-    load_transformer,
-    place_parts,
-    read_json,
-)
+from soar_lite.families.common import FamilyLayout, load_pipeline, read_json, sequence_length
 from soar_lite.objective import Cond, NoiseGrid, Rollout, Velocity
 
 # diffusers' FLUX LoRA example (train_dreambooth_lora_flux.py) targets: attention in double and
@@ -184,26 +175,12 @@ class FluxFamily:
         options: Any = None,
     ) -> FluxFamily:
         """Load the parts asked for from a FluxPipeline folder (or hub id: needs network)."""
-        from soar_lite import quant as quantization
-
-        check_model_path(path)
-        quantization.check_backend(quant, device)
-        torch_dtype = DTYPES[dtype]
-        seq = max_sequence_length or (FolderSettings.read(path).max_sequence_length or 512)
-        parts: dict[str, Any] = {"transformer": None}
-        if not vae:
-            parts["vae"] = None
-        if not text_encoders:
-            parts.update(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-        try:
-            pipe = FluxPipeline.from_pretrained(path, dtype=torch_dtype, **parts)
-            model = None
-            if transformer:
-                model = load_transformer(FluxTransformer2DModel, path, torch_dtype, quant, device)
-        except OSError as exc:
-            raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
-        encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None]
-        place_parts(pipe.vae, encoders, torch.device(device), encoder_offload)
+        seq = sequence_length(path, max_sequence_length, FluxFamily.default_max_sequence_length)
+        pipe, model, torch_dtype = load_pipeline(
+            FluxPipeline, FluxTransformer2DModel, path, TEXT_PARTS,
+            device=device, dtype=dtype, quant=quant, transformer=transformer,
+            text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload,
+        )  # fmt: skip
         return cls(path, torch.device(device), torch_dtype, seq, pipe, model, options)
 
     # ------------------------------------------------------------------ cache stage

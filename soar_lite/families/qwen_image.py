@@ -31,16 +31,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 from torch import Tensor
 
-from soar_lite.errors import UserError
-from soar_lite.families.common import (
-    DTYPES,
-    FamilyLayout,
-    check_model_path,
-    load_transformer,
-    model_settings,
-    place_parts,
-    read_json,
-)
+from soar_lite.families.common import FamilyLayout, load_pipeline, read_json, sequence_length
 from soar_lite.families.flux import pack, unpack
 from soar_lite.objective import Cond, NoiseGrid, Rollout, Velocity
 
@@ -152,26 +143,12 @@ class QwenImageFamily:
         options: Any = None,
     ) -> QwenImageFamily:
         """Load the parts asked for from a QwenImagePipeline folder (or hub id: needs network)."""
-        from soar_lite import quant as quantization
-
-        check_model_path(path)
-        quantization.check_backend(quant, device)
-        torch_dtype = DTYPES[dtype]
-        seq = max_sequence_length or int(model_settings(path).get("max_sequence_length", MAX_SEQUENCE_LENGTH))
-        parts: dict[str, Any] = {"transformer": None}
-        if not vae:
-            parts["vae"] = None
-        if not text_encoders:
-            parts.update(text_encoder=None, tokenizer=None)
-        try:
-            pipe = QwenImagePipeline.from_pretrained(path, dtype=torch_dtype, **parts)
-            model = None
-            if transformer:
-                model = load_transformer(QwenImageTransformer2DModel, path, torch_dtype, quant, device)
-        except OSError as exc:
-            raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
-        encoders = [pipe.text_encoder] if pipe.text_encoder is not None else []
-        place_parts(pipe.vae, encoders, torch.device(device), encoder_offload)
+        seq = sequence_length(path, max_sequence_length, MAX_SEQUENCE_LENGTH)
+        pipe, model, torch_dtype = load_pipeline(
+            QwenImagePipeline, QwenImageTransformer2DModel, path, TEXT_PARTS,
+            device=device, dtype=dtype, quant=quant, transformer=transformer,
+            text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload,
+        )  # fmt: skip
         return cls(path, torch.device(device), torch_dtype, seq, pipe, model)
 
     # ------------------------------------------------------------------ cache stage

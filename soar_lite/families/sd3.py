@@ -24,16 +24,7 @@ from diffusers.utils import logging as diffusers_logging
 from torch import Tensor
 from transformers.utils import logging as transformers_logging
 
-from soar_lite.errors import UserError
-from soar_lite.families.common import (
-    DTYPES,
-    FamilyLayout,
-    FolderSettings,
-    check_model_path,
-    load_transformer,
-    place_parts,
-    read_json,
-)
+from soar_lite.families.common import FamilyLayout, load_pipeline, read_json, sequence_length
 from soar_lite.objective import Cond, NoiseGrid, Rollout, Velocity
 
 diffusers_logging.set_verbosity_error()  # loading bars per part drown the one bar that matters
@@ -138,29 +129,18 @@ class SD3Family:
 
         ``encoder_offload`` places the text encoders (see :mod:`soar_lite.offload`): ``auto``
         keeps them all on the GPU only if they fit its free memory. ``options``: no SD3 settings."""
-        from soar_lite import quant as quantization
+        seq = sequence_length(path, max_sequence_length, SD3Family.default_max_sequence_length)
 
-        check_model_path(path)
-        quantization.check_backend(quant, device)
-        torch_dtype = DTYPES[dtype]
-        seq = max_sequence_length or (FolderSettings.read(path).max_sequence_length or 256)
-        parts: dict[str, Any] = {"transformer": None}
-        if not vae:
-            parts["vae"] = None
-        if not text_encoders:
-            parts.update(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-        try:
+        def absent() -> dict[str, None]:  # no T5 in the folder: the pipeline pads zero tokens
             index = StableDiffusion3Pipeline.load_config(path)
-            if not text_encoders or index.get("text_encoder_3", [None])[0] is None:
-                parts.update(text_encoder_3=None, tokenizer_3=None)  # absent T5: the pipeline pads zeros
-            pipe = StableDiffusion3Pipeline.from_pretrained(path, dtype=torch_dtype, **parts)
-            model = None
-            if transformer:
-                model = load_transformer(SD3Transformer2DModel, path, torch_dtype, quant, device)
-        except OSError as exc:
-            raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
-        encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if m is not None]
-        place_parts(pipe.vae, encoders, torch.device(device), encoder_offload)
+            has_t5 = index.get("text_encoder_3", [None])[0] is not None
+            return {} if has_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+
+        pipe, model, torch_dtype = load_pipeline(
+            StableDiffusion3Pipeline, SD3Transformer2DModel, path, TEXT_PARTS,
+            device=device, dtype=dtype, quant=quant, transformer=transformer,
+            text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload, absent=absent,
+        )  # fmt: skip
         stub = _ConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
         pipe.transformer = stub
         pipe.patch_size = stub.config["patch_size"]
