@@ -286,3 +286,14 @@ def test_qwen_preset_trains_both_arms_and_the_lora_loads_in_diffusers(qwen_dir, 
         torch.testing.assert_close(fused, base[module] + b.float() @ a.float(), rtol=1e-5, atol=1e-6)
         adapted += 1
     assert adapted == len(state) // 2 and adapted > 10
+
+
+def test_unset_sizes_follow_the_one_rule(qwen_dir, tmp_path):
+    """The folder's soar_lite.json, else Qwen-Image's own: 1024 px, 512 text tokens (the pipeline's)."""
+    import shutil
+
+
+    bare = tmp_path / "qwen-bare"
+    shutil.copytree(qwen_dir, bare)
+    (bare / "soar_lite.json").unlink(missing_ok=True)
+    assert families.native_resolution(bare) == 1024 and families.text_length(bare) == 512

@@ -90,6 +90,8 @@ class QwenImageFamily:
     default_lora_targets = LORA_TARGETS
     text_parts = TEXT_PARTS
     transformer_class = QwenImageTransformer2DModel
+    native_resolution = 1024  # QwenImagePipeline's default_sample_size 128 x its VAE factor 8
+    default_max_sequence_length = MAX_SEQUENCE_LENGTH
     grid_note = "the scheduler's training grid, as diffusers' Qwen-Image LoRA script (unshifted)"
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, max_sequence_length: int,
@@ -143,7 +145,7 @@ class QwenImageFamily:
         options: Any = None,
     ) -> QwenImageFamily:
         """Load the parts asked for from a QwenImagePipeline folder (or hub id: needs network)."""
-        seq = sequence_length(path, max_sequence_length, MAX_SEQUENCE_LENGTH)
+        seq = sequence_length(path, max_sequence_length, QwenImageFamily.default_max_sequence_length)
         pipe, model, torch_dtype = load_pipeline(
             QwenImagePipeline, QwenImageTransformer2DModel, path, TEXT_PARTS,
             device=device, dtype=dtype, quant=quant, transformer=transformer,
