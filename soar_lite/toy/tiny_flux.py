@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
 
 from soar_lite.toy.shapes import VOCAB_WORDS
@@ -29,6 +29,7 @@ from soar_lite.toy.tiny_sd3 import (
     TOKENIZER_MAX_LENGTH,
     build_tokenizer,
     quiet_hub_libraries,
+    tiny_vae,
     write_vocab_files,
 )
 
@@ -86,26 +87,6 @@ def _t5(vocab_size: int, seed: int) -> T5EncoderModel:
     return T5EncoderModel(config).eval()
 
 
-def _vae(seed: int) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),  # downscale 2: 32 px -> 16x16 latents -> 8x8 packed tokens
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        mid_block_add_attention=False,
-        sample_size=RESOLUTION,
-        scaling_factor=0.3611,  # FLUX.1's VAE constants
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
-
-
 def tiny_flux_transformer(
     seed: int = 0, *, guidance_embeds: bool = True, **overrides: Any
 ) -> FluxTransformer2DModel:
@@ -137,7 +118,7 @@ def build_tiny_flux_pipeline(seed: int = 0, *, schnell: bool = False) -> FluxPip
     )  # fmt: skip
     return FluxPipeline(
         scheduler=scheduler,
-        vae=_vae(seed + 3),
+        vae=tiny_vae(seed + 3, scaling_factor=0.3611, shift_factor=0.1159),  # FLUX.1 VAE constants
         text_encoder=_clip(len(clip_tokenizer.get_vocab()), seed),
         tokenizer=clip_tokenizer,
         text_encoder_2=_t5(len(t5_tokenizer), seed + 1),

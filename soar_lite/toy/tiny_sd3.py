@@ -139,7 +139,9 @@ def _text_encoder(vocab_size: int, seed: int) -> CLIPTextModelWithProjection:
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _vae(seed: int) -> AutoencoderKL:
+def tiny_vae(seed: int, *, scaling_factor: float = 1.0, shift_factor: float = 0.0) -> AutoencoderKL:
+    """The toy's 16-channel VAE (downscale 2); the SD3 toy sets its scaling from its trained latents
+    (pretrain.py), a FLUX folder takes FLUX.1's constants."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -152,8 +154,8 @@ def _vae(seed: int) -> AutoencoderKL:
         norm_num_groups=8,
         mid_block_add_attention=False,  # 3.5x cheaper to train than (32, 64) with attention, same look
         sample_size=RESOLUTION,
-        scaling_factor=1.0,  # set from the trained encoder's latents by pretrain.py
-        shift_factor=0.0,
+        scaling_factor=scaling_factor,  # SD3 toy: set from the trained encoder's latents by pretrain.py
+        shift_factor=shift_factor,
         use_quant_conv=False,  # as SD3's VAE
         use_post_quant_conv=False,
     )
@@ -211,7 +213,7 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
         "tokenizer_2": tokenizer_2,
         "tokenizer_3": None,
         "transformer": _transformer(seed + 2),
-        "vae": _vae(seed + 3),
+        "vae": tiny_vae(seed + 3),
         "image_encoder": None,
         "feature_extractor": None,
     }
