@@ -86,10 +86,9 @@ def native_resolution(path: str | Path) -> int:
 def text_length(path: str | Path) -> int:
     """T5 tokens per prompt unless ``model.max_sequence_length`` says: the folder's, else the family's
     pipeline default (SD3: 256, FLUX.1: 512)."""
-    from soar_lite.families.common import FolderSettings
+    from soar_lite.families.common import sequence_length
 
-    own = FolderSettings.read(path).max_sequence_length
-    return own if own is not None else int(family_class(detect_family(path)).default_max_sequence_length)
+    return sequence_length(str(path), 0, int(family_class(detect_family(path)).default_max_sequence_length))
 
 
 def load_family(name: str, path: str, **kwargs: Any) -> Any:
