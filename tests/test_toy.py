@@ -13,10 +13,12 @@ import torch
 from soar_lite.toy import pretrain
 from soar_lite.toy.shapes import (
     COLORS,
+    NOVEL_COLORS,
     POSITIONS,
     VOCAB_WORDS,
     all_captions,
     caption_attributes,
+    novel_captions,
     shapes_dataset,
     write_shapes_folder,
 )
@@ -73,7 +75,10 @@ def test_shape_has_its_colour_at_its_place():
 def test_captions_use_only_the_fixed_vocabulary():
     captions = all_captions()
     assert len(captions) == len(set(captions)) == 5 * 3 * len(POSITIONS)
-    assert {word for caption in captions for word in caption.split()} == set(VOCAB_WORDS)
+    novel = novel_captions()
+    assert len(novel) == len(NOVEL_COLORS) * 3 * len(POSITIONS) and not set(novel) & set(captions)
+    words = {word for caption in captions + novel for word in caption.split()}
+    assert words == set(VOCAB_WORDS)
     with pytest.raises(ValueError):
         caption_attributes("a photo of a cat")
 
@@ -143,7 +148,7 @@ def test_pipeline_runs_two_steps_at_32px(pipe):
 
 def test_save_and_reload_roundtrip(pipe, tmp_path):
     folder = save_tiny_pipeline(pipe, tmp_path / "tiny")
-    assert read_toy_settings(folder) == {"max_sequence_length": 4, "resolution": 32, "toy": "shapes-v1"}
+    assert read_toy_settings(folder) == {"max_sequence_length": 4, "resolution": 32, "toy": "shapes-v2"}
     assert (folder / "tokenizer" / "vocab.json").is_file() and (
         folder / "tokenizer_2" / "merges.txt"
     ).is_file()

@@ -25,6 +25,7 @@ from soar_lite.errors import UserError
 log = logging.getLogger("soar_lite.data")
 BUILTIN_DATA_SIZE = 256
 BUILTIN_DATA_SEED = 1234
+BUILTIN_NOVEL_SHARE = 2 / 3  # of the built-in fine-tuning set in the colour the base never saw
 WARNINGS_PER_REASON = 20  # a folder of 10,000 broken files gets 20 lines per reason, then a count
 
 
@@ -92,12 +93,14 @@ class DataReport:
 
 
 def builtin_data_folder() -> Path:
-    """The built-in captioned shapes set (made once under the soar-lite home, no download)."""
+    """The built-in fine-tuning set (made once under the soar-lite home, no download): captioned
+    shapes, two thirds of them in a colour the built-in base never saw (orange), the rest from the
+    base's own world so that the LoRA learns the new colour without forgetting the old ones."""
     from soar_lite.paths import home_dir
     from soar_lite.toy import write_shapes_folder
 
-    folder = home_dir() / "data" / f"shapes-{BUILTIN_DATA_SIZE}-{BUILTIN_DATA_SEED}"
-    return write_shapes_folder(folder, BUILTIN_DATA_SIZE, BUILTIN_DATA_SEED)
+    folder = home_dir() / "data" / f"shapes-novel-{BUILTIN_DATA_SIZE}-{BUILTIN_DATA_SEED}"
+    return write_shapes_folder(folder, BUILTIN_DATA_SIZE, BUILTIN_DATA_SEED, novel_share=BUILTIN_NOVEL_SHARE)
 
 
 def read_image_bytes(item: Item | Record) -> bytes:

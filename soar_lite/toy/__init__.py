@@ -3,12 +3,15 @@
 from soar_lite.toy.pretrain import ToyRecipe, ensure_tiny_base, tiny_base_folder
 from soar_lite.toy.shapes import (
     COLORS,
+    NOVEL_COLORS,
+    PALETTE,
     POSITIONS,
     SHAPES,
     VOCAB_WORDS,
     all_captions,
     caption_attributes,
     make_shape_sample,
+    novel_captions,
     shapes_dataset,
     write_shapes_folder,
 )
@@ -25,6 +28,8 @@ from soar_lite.toy.tiny_sd3 import (
 __all__ = [
     "COLORS",
     "MAX_SEQUENCE_LENGTH",
+    "NOVEL_COLORS",
+    "PALETTE",
     "POSITIONS",
     "SHAPES",
     "TOY_SETTINGS",
@@ -37,6 +42,7 @@ __all__ = [
     "ensure_tiny_base",
     "load_tiny_pipeline",
     "make_shape_sample",
+    "novel_captions",
     "read_toy_settings",
     "save_tiny_pipeline",
     "shapes_dataset",

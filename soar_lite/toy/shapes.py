@@ -29,6 +29,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 190),
 }
 
+# Colours the built-in base never sees in pretraining (their words are in the vocabulary, so their
+# captions tokenize, but no training image has them): the built-in fine-tuning task teaches one.
+# Orange sits between red and yellow, so a model that drifts off its trajectory falls back to a
+# colour it knows: the exposure-bias case the quality benchmark needs (README, "Quality benchmark").
+NOVEL_COLORS: dict[str, tuple[int, int, int]] = {"orange": (245, 140, 30)}
+PALETTE: dict[str, tuple[int, int, int]] = {**COLORS, **NOVEL_COLORS}  # what the checker can read
+
 # Shape centre as a fraction of (width, height): a 3x3 grid of named places.
 POSITIONS: dict[str, tuple[float, float]] = {
     "top left": (0.27, 0.27),
@@ -48,7 +55,7 @@ CAPTION_TEMPLATE = "a {color} {shape} at the {position}"
 # Every word a caption can contain, in a fixed order (the tiny tokenizer's vocabulary is built from it).
 VOCAB_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(
-        ["a", "at", "the", *COLORS, *SHAPES, *(word for place in POSITIONS for word in place.split())]
+        ["a", "at", "the", *PALETTE, *SHAPES, *(word for place in POSITIONS for word in place.split())]
     )
 )
 
@@ -65,9 +72,14 @@ def all_captions() -> list[str]:
     return [caption_for(c, s, p) for c in COLORS for s in SHAPES for p in POSITIONS]
 
 
+def novel_captions(colors: tuple[str, ...] = tuple(NOVEL_COLORS)) -> list[str]:
+    """Every caption of the colours the base never saw (27 per colour): the fine-tuning task's."""
+    return [caption_for(c, s, p) for c in colors for s in SHAPES for p in POSITIONS]
+
+
 def caption_attributes(caption: str) -> dict[str, str]:
     """Parse a toy caption back into {"color", "shape", "position"}, so generated images can be scored."""
-    for color in COLORS:
+    for color in PALETTE:
         for shape in SHAPES:
             prefix = caption_for(color, shape, "")
             if caption.startswith(prefix) and caption[len(prefix) :] in POSITIONS:
@@ -83,7 +95,7 @@ def draw_shape(
     fx, fy = POSITIONS[position]
     cx, cy = (fx + jitter[0]) * big, (fy + jitter[1]) * big
     radius = 0.17 * big * jitter[2]
-    rgb = COLORS[color]
+    rgb = PALETTE[color]
     image = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(image)
     if shape == "circle":
@@ -109,9 +121,13 @@ def draw_shape(
     return image, attrs
 
 
-def make_shape_sample(rng: random.Random, size: int = 32) -> tuple[Image.Image, str, dict[str, Any]]:
-    """One random sample from ``rng``: uniform over colours, shapes and places, with a little jitter."""
-    color = rng.choice(list(COLORS))
+def make_shape_sample(
+    rng: random.Random, size: int = 32, novel_share: float = 0.0
+) -> tuple[Image.Image, str, dict[str, Any]]:
+    """One random sample from ``rng``: uniform over colours, shapes and places, with a little jitter;
+    with probability ``novel_share`` the colour is one the base never saw (``NOVEL_COLORS``)."""
+    novel = novel_share > 0 and rng.random() < novel_share  # no draw at 0: the base's data stays as it was
+    color = rng.choice(list(NOVEL_COLORS if novel else COLORS))
     shape = rng.choice(SHAPES)
     position = rng.choice(list(POSITIONS))
     jitter = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05), rng.uniform(0.85, 1.15))
@@ -119,10 +135,12 @@ def make_shape_sample(rng: random.Random, size: int = 32) -> tuple[Image.Image, 
     return image, caption_for(color, shape, position), attrs
 
 
-def shapes_dataset(n: int, seed: int, size: int = 32) -> list[tuple[Image.Image, str, dict[str, Any]]]:
-    """``n`` samples, the same for the same (n, seed, size): a private RNG, never the global one."""
+def shapes_dataset(
+    n: int, seed: int, size: int = 32, novel_share: float = 0.0
+) -> list[tuple[Image.Image, str, dict[str, Any]]]:
+    """``n`` samples, the same for the same arguments: a private RNG, never the global one."""
     rng = random.Random(seed)
-    return [make_shape_sample(rng, size) for _ in range(n)]
+    return [make_shape_sample(rng, size, novel_share) for _ in range(n)]
 
 
 def _is_complete(folder: Path, n: int) -> bool:
@@ -134,7 +152,9 @@ def _digits(n: int) -> int:
     return max(4, len(str(max(n - 1, 0))))
 
 
-def write_shapes_folder(folder: str | os.PathLike[str], n: int, seed: int, size: int = 32) -> Path:
+def write_shapes_folder(
+    folder: str | os.PathLike[str], n: int, seed: int, size: int = 32, novel_share: float = 0.0
+) -> Path:
     """Write ``n`` samples as kohya-style ``0000.png`` + ``0000.txt`` pairs and return the folder.
 
     Written into a temporary sibling and renamed at the end, so an interrupted write never leaves a
@@ -150,7 +170,7 @@ def write_shapes_folder(folder: str | os.PathLike[str], n: int, seed: int, size:
     tmp.mkdir()
     try:
         digits = _digits(n)
-        for i, (image, caption, _) in enumerate(shapes_dataset(n, seed, size)):
+        for i, (image, caption, _) in enumerate(shapes_dataset(n, seed, size, novel_share)):
             image.save(tmp / f"{i:0{digits}d}.png")
             (tmp / f"{i:0{digits}d}.txt").write_text(caption, encoding="utf-8")
         if folder.exists():
