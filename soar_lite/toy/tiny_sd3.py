@@ -47,7 +47,7 @@ CLIP_PROJECTION = 32
 SETTINGS_FILE = "soar_lite.json"
 # Bump "toy" when the architecture or the shapes data change: it is part of the cached base's name.
 TOY_SETTINGS: dict[str, Any] = {
-    "toy": "shapes-v1",
+    "toy": "shapes-v2",
     "resolution": RESOLUTION,
     "max_sequence_length": MAX_SEQUENCE_LENGTH,
 }
@@ -161,14 +161,14 @@ def tiny_vae(seed: int, *, scaling_factor: float = 1.0, shift_factor: float = 0.
     )
 
 
-def _transformer(seed: int) -> SD3Transformer2DModel:
+def _transformer(seed: int, layers: int = 2) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=RESOLUTION // 2,
         patch_size=2,
         in_channels=16,
         out_channels=16,
-        num_layers=2,
+        num_layers=layers,
         attention_head_dim=64,
         num_attention_heads=2,  # hidden 128 = 64 x depth: ComfyUI's SD3 detection rule
         joint_attention_dim=2 * CLIP_HIDDEN,  # the two CLIP hidden states, concatenated on features
@@ -199,29 +199,33 @@ def tiny_sd3_transformer(seed: int = 0, **overrides: Any) -> SD3Transformer2DMod
     return SD3Transformer2DModel(**{**kwargs, **overrides})
 
 
-def build_tiny_components(seed: int = 0) -> dict[str, Any]:
-    """The untrained components of the tiny pipeline, each from a fixed seed (same seed, same weights)."""
+def build_tiny_components(seed: int = 0, *, layers: int = 2, shift: float = 3.0) -> dict[str, Any]:
+    """The untrained components of the tiny pipeline, each from a fixed seed (same seed, same weights).
+
+    ``layers`` and ``shift`` are the trained base's choices (pretrain.ToyRecipe: 4 and 1.0, what it
+    takes to draw the shapes); the machinery tests keep the cheaper 2 layers and SD3's shift 3.
+    """
     tokenizer = build_tokenizer()
     tokenizer_2 = build_tokenizer()
     vocab_size = len(tokenizer.get_vocab())
     return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift),
         "text_encoder": _text_encoder(vocab_size, seed),
         "text_encoder_2": _text_encoder(vocab_size, seed + 1),
         "text_encoder_3": None,
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         "tokenizer_3": None,
-        "transformer": _transformer(seed + 2),
+        "transformer": _transformer(seed + 2, layers),
         "vae": tiny_vae(seed + 3),
         "image_encoder": None,
         "feature_extractor": None,
     }
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
+def build_tiny_pipeline(seed: int = 0, *, layers: int = 2, shift: float = 3.0) -> StableDiffusion3Pipeline:
     """An untrained tiny StableDiffusion3Pipeline on CPU (see ``ensure_tiny_base`` for a trained one)."""
-    return StableDiffusion3Pipeline(**build_tiny_components(seed))
+    return StableDiffusion3Pipeline(**build_tiny_components(seed, layers=layers, shift=shift))
 
 
 def save_tiny_pipeline(
