@@ -360,6 +360,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not sep:
             raise UserError(f"benchmark option {item!r} is not key=value")
         knobs[key] = _literal(raw)
+    if args.objectives:
+        knobs["objectives"] = args.objectives
     output = Path(args.output or f"benchmarks/{args.name}.json")
     try:
         result = module.main(output, **knobs)
@@ -464,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", choices=BENCHES)
             p.add_argument("--output", help="JSON path (default: benchmarks/NAME.json)")
             p.add_argument("knobs", nargs="*", metavar="key=value", help="e.g. repeats=10 ks=1,2,6")
+            p.add_argument("--objectives", help="bench quality: the trained arms, e.g. sft,soar,scheduled")
         if name == "doctor":
             p.add_argument("--json", action="store_true", help="print a machine-readable record instead")
     return parser

@@ -292,7 +292,6 @@ def test_unset_sizes_follow_the_one_rule(qwen_dir, tmp_path):
     """The folder's soar_lite.json, else Qwen-Image's own: 1024 px, 512 text tokens (the pipeline's)."""
     import shutil
 
-
     bare = tmp_path / "qwen-bare"
     shutil.copytree(qwen_dir, bare)
     (bare / "soar_lite.json").unlink(missing_ok=True)
