@@ -35,6 +35,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset, overrides = args.preset, _run_overrides(args)
     main_process = os.environ.get("RANK", "0") == "0"  # print once per run, not per process
     _check_vram(args.vram)
+    if any(o.strip() in ("swap_blocks=auto", "model.swap_blocks=auto") for o in overrides):
+        from soar_lite.plan import resolve_swap_auto
+
+        overrides, notes = resolve_swap_auto(preset, overrides, args.vram)
+        if main_process:
+            print("\n".join(notes))
     if preset == "auto" or args.vram is not None:
         from soar_lite.plan import fit
 
@@ -120,16 +126,19 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Estimated peak GPU memory of a preset on a model, from its config alone (no weights)."""
-    from soar_lite.plan import plan, suggest, tier_of
+    from soar_lite.plan import plan, resolve_swap_auto, suggest, tier_of
 
-    cfg = config.load_config(args.preset, args.overrides)
-    model = args.model or cfg.model.path
     _check_vram(args.vram)
     tier = args.vram if args.vram is not None else tier_of(args.preset)
+    overrides, notes = resolve_swap_auto(args.preset, list(args.overrides), tier, args.model)
+    if notes:
+        print("\n".join(notes))
+    cfg = config.load_config(args.preset, overrides)
+    model = args.model or cfg.model.path
     result = plan(cfg, model, tier)
     print(result.render())
     if result.fits is False:
-        found = suggest(args.preset, list(args.overrides), model, tier)
+        found = suggest(args.preset, overrides, model, tier)
         if found is None:
             print(f"no change in the planner's list fits {tier:g} GB: use a smaller model or a larger card")
         else:

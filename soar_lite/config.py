@@ -490,6 +490,11 @@ def _convert(path: str, raw: Any, hint: Any) -> Any:
                 return False
             raise ValueError
         if hint is int:
+            if path == "model.swap_blocks" and str(raw).strip() == "auto":
+                raise UserError(
+                    "swap_blocks=auto is chosen by the planner when a run starts (`soar-lite train` or "
+                    "`soar-lite plan` on the command line); in a preset file give a number"
+                )
             if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
                 raise ValueError
             return int(float(raw)) if isinstance(raw, str) and "e" in raw.lower() else int(raw)

@@ -570,6 +570,63 @@ def _fewest_swapped(
     return {**chosen, "swap_blocks": str(hi)}, best
 
 
+SWAP_AUTO = ("swap_blocks=auto", "model.swap_blocks=auto")
+
+
+def resolve_swap_auto(
+    preset: str, overrides: list[str], vram_gb: float | None, model: str | None = None
+) -> tuple[list[str], list[str]]:
+    """``swap_blocks=auto``: the fewest swapped blocks under which the planner says the run fits
+    ``vram_gb`` (the visible GPU's memory when None), as a plain number; 0 when it fits without.
+
+    Why the fewest: every swapped block is copied over PCIe twice a step (forward, recomputed
+    backward), so each one costs time; the planner's peak falls block by block, so bisection finds
+    the count. ``model`` is what to plan on (default: the config's ``model.path``). Returns
+    (overrides with the number in place of ``auto``, lines to print); overrides without ``auto``
+    come back unchanged. Raises UserError where there is nothing to plan for (no GPU and no
+    ``--vram``), the planner cannot read the model offline, or even all blocks do not fit.
+    """
+    if not any(o.strip() in SWAP_AUTO for o in overrides):
+        return overrides, []
+    from soar_lite.config import load_config
+
+    rest = [o for o in overrides if o.strip() not in SWAP_AUTO]
+    if vram_gb is None:
+        if not torch.cuda.is_available():
+            raise UserError(
+                "swap_blocks=auto sizes the swap to the GPU's memory and no CUDA GPU is visible: add "
+                "--vram GB to plan for another card, or give a number (swap_blocks=N)"
+            )
+        vram_gb = detected_vram_gb()
+    cfg = load_config(preset, [*rest, "swap_blocks=0"])
+    model = model or cfg.model.path
+    try:
+        unswapped = plan(cfg, model, vram_gb)
+    except UserError as exc:
+        raise UserError(f"swap_blocks=auto needs the planner, and it cannot read {model}: {exc}") from None
+    if unswapped.fits:
+        note = f"swap_blocks=auto: fits {vram_gb:g} GB without swapping (~{unswapped.total:.1f} GiB) -> 0"
+        return [*rest, "swap_blocks=0"], [note]
+
+    def build(changes: dict[str, str]) -> TrainConfig:
+        return load_config(preset, [*rest, *(f"{k}={v}" for k, v in changes.items())])
+
+    found = _fewest_swapped(build, {}, model, vram_gb)
+    if found is None:
+        raise UserError(
+            f"swap_blocks=auto: {model} with preset {preset} does not fit {vram_gb:g} GB even with every "
+            f"block swapped (~{unswapped.total:.1f} GiB unswapped); see `soar-lite plan --preset {preset} "
+            f"--vram {vram_gb:g}` for the other changes"
+        )
+    changes, fitted = found
+    total = len(block_bytes(transformer_config(model), 1.0, 1))
+    note = (
+        f"swap_blocks=auto: {changes['swap_blocks']} of {total} blocks swapped to fit {vram_gb:g} GB "
+        f"(~{fitted.total:.1f} GiB, from ~{unswapped.total:.1f}; estimate)"
+    )
+    return [*rest, *(f"{k}={v}" for k, v in changes.items())], [note]
+
+
 def _knob(cfg: TrainConfig, key: str) -> Any:
     return {
         "gradient_checkpointing": cfg.model.gradient_checkpointing,

@@ -269,3 +269,37 @@ def test_vram_fitting_swaps_the_fewest_blocks_after_quantization():
     assert not any(c.startswith("resolution=") for c in changes)  # swap comes before resolution
     fewer = plan(load_config("flux-12gb", [*changes, f"swap_blocks={n - 1}"]), "flux.1-dev", 8)
     assert not fewer.fits  # n is the fewest
+
+
+def test_swap_blocks_auto_picks_the_fewest_that_fit_and_says_so(capsys):
+    """`swap_blocks=auto` becomes a number: the plan fits with it and not with one block fewer."""
+    from soar_lite.cli import main
+    from soar_lite.config import load_config
+    from soar_lite.errors import UserError
+    from soar_lite.plan import plan, resolve_swap_auto
+
+    overrides, notes = resolve_swap_auto("flux-12gb", ["swap_blocks=auto", "quant=nf4"], 8, "flux.1-dev")
+    assert "swap_blocks=auto" not in overrides and "quant=nf4" in overrides
+    n = int(next(o for o in overrides if o.startswith("swap_blocks=")).partition("=")[2])
+    assert n > 0 and f"{n} of " in notes[0]
+    assert plan(load_config("flux-12gb", overrides), "flux.1-dev", 8).fits
+    fewer = [*overrides, f"swap_blocks={n - 1}"]
+    assert not plan(load_config("flux-12gb", fewer), "flux.1-dev", 8).fits
+    # a card it fits without swapping: 0; overrides without auto come back as they were
+    assert resolve_swap_auto("flux-12gb", ["model.swap_blocks=auto"], 80, "flux.1-dev")[0] == [
+        "swap_blocks=0"
+    ]
+    assert resolve_swap_auto("flux-12gb", ["steps=3"], None) == (["steps=3"], [])
+    # nothing to plan for on a machine without a GPU, and even every block swapped is not enough
+    with pytest.raises(UserError, match="--vram"):
+        resolve_swap_auto("flux-12gb", ["swap_blocks=auto"], None, "flux.1-dev")
+    with pytest.raises(UserError, match="every block swapped"):
+        resolve_swap_auto("flux-12gb", ["swap_blocks=auto", "quant=none"], 1, "flux.1-dev")
+    # a preset file or the app cannot hand "auto" to the config: one clear line
+    with pytest.raises(UserError, match="chosen by the planner"):
+        load_config("flux-12gb", ["swap_blocks=auto"])
+    assert (
+        main(["plan", "--preset", "flux-12gb", "--model", "flux.1-dev", "--vram", "8", "swap_blocks=auto"])
+        == 0
+    )
+    assert f"swap_blocks=auto: {n} of" in capsys.readouterr().out
