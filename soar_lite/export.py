@@ -355,7 +355,13 @@ def export_lora(lora: str | Path, fmt: str, output: str | Path, *, strength: flo
 
     # which family: soar-lite's note says; else only FLUX has single-stream blocks (a double-block-only
     # FLUX LoRA without a note reads as SD3: its module names are SD3's too)
-    flux = training_note(lora).get("family") == "flux" or is_flux_lora(state)
+    family = training_note(lora).get("family")
+    flux = family == "flux" or is_flux_lora(state)
+    if fmt == "kohya" and family == "qwen":
+        raise UserError(
+            "no kohya layout is written for Qwen-Image: ComfyUI maps the diffusers names of Qwen-Image "
+            "(transformer.<module>) itself, so use --format comfyui (or the file as it is)"
+        )
     if fmt == "kohya":
         tensors = to_kohya_flux(state, strength) if flux else to_kohya(state, strength)
     elif kind:  # ComfyUI reads soar-lite's LyCORIS file as it is: only the strength to fold

@@ -243,7 +243,9 @@ def test_planner_knows_qwen_image_from_a_shipped_config():
 
 
 @pytest.mark.slow
-def test_qwen_preset_trains_both_arms_and_the_lora_loads_in_diffusers(qwen_dir, tiny_data_dir, tmp_path):
+def test_qwen_preset_trains_both_arms_and_the_lora_loads_in_diffusers_and_comfyui(
+    qwen_dir, tiny_data_dir, tmp_path, capsys
+):
     from diffusers import QwenImagePipeline
 
     from soar_lite.cli import main
@@ -262,6 +264,24 @@ def test_qwen_preset_trains_both_arms_and_the_lora_loads_in_diffusers(qwen_dir, 
     assert (out / "compare" / "grid.png").is_file()
     state = load_file(str(out / "soar" / "pytorch_lora_weights.safetensors"))
     assert any(".img_mlp." in k for k in state) and any(".txt_mlp." in k for k in state)
+    # ComfyUI (comfy/lora.py, model_lora_keys_unet for QwenImage) maps "transformer.<name>" to its
+    # "diffusion_model.<name>.weight" and reads "<name>.lora_A/B.weight"; its Qwen-Image model
+    # (comfy/ldm/qwen_image/model.py) names a block's linear layers as below:
+    comfy_block = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                   "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "img_mod.1", "txt_mod.1",
+                   "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2"}  # fmt: skip
+    for key in state:  # every key loads there: no "lora key not loaded"
+        module, _, tail = key.removeprefix("transformer.").partition(".lora_")
+        kind, _, rest = module.partition(".")
+        block, _, name = rest.partition(".")
+        assert kind == "transformer_blocks" and block.isdigit() and name in comfy_block, key
+        assert tail in ("A.weight", "B.weight"), key
+    assert main(["export", str(out / "soar"), "--format", "comfyui", "--output", str(tmp_path / "c")]) == 0
+    comfy = load_file(str(tmp_path / "c" / "pytorch_lora_weights_comfyui.safetensors"))
+    assert comfy.keys() == state.keys()
+    capsys.readouterr()
+    assert main(["export", str(out / "soar"), "--format", "kohya", "--output", str(tmp_path / "k")]) == 2
+    assert "no kohya layout is written for Qwen-Image" in capsys.readouterr().err
 
     pipe = QwenImagePipeline.from_pretrained(str(qwen_dir))
     base = {
