@@ -87,8 +87,14 @@ def test_a_wheel_installed_in_a_fresh_venv_outside_the_checkout_lists_presets_an
     (wheel,) = dist.glob("soar_lite-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = [
-        p.relative_to(REPO).as_posix() for p in [*PACKAGE.glob("presets/*"), *PACKAGE.glob("model_configs/*")]
+        p.relative_to(REPO).as_posix()
+        for p in [
+            *PACKAGE.glob("presets/*"),
+            *PACKAGE.glob("model_configs/*"),
+            *(f for f in PACKAGE.glob("toy/base/**/*") if f.is_file()),  # the shipped tiny base
+        ]
     ]
+    assert any(name.endswith("toy/base/manifest.json") for name in shipped)
     assert shipped and set(shipped) <= names, sorted(set(shipped) - names)
 
     venv = tmp_path / "venv"
@@ -127,5 +133,7 @@ def test_a_wheel_installed_in_a_fresh_venv_outside_the_checkout_lists_presets_an
     listed = run(script, "presets")
     assert [line.split()[0] for line in listed.splitlines()] == config.preset_names()
     assert '"steps": 150' in run(script, "presets", "cpu-tiny")
+    check = "from soar_lite.toy import shipped; print(shipped.damaged_files())"
+    assert run(str(python), "-c", check).strip() == "[]"  # the installed base matches its hashes
     planned = run(script, "plan", "--preset", "24gb", "--model", "sd3.5-medium")
     assert "GiB" in planned and "sd3.5-medium" in planned, planned
