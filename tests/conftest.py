@@ -9,10 +9,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 # Everything soar-lite builds once (the tiny trained base, the built-in data) goes here for the whole
 # test session, never into the user's ~/.cache. CI may point it at a persistent folder.
 os.environ.setdefault("SOAR_LITE_HOME", tempfile.mkdtemp(prefix="soar-lite-home-"))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny-model tests (``pytestmark = usefixtures("one_thread")``).
+
+    Tiny ops on a shared 2-core box: with 2 OpenMP threads and another busy process every op waits
+    for a descheduled thread (a 5+5-step toy build took 38 s instead of 1.7 s). Restored afterwards.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

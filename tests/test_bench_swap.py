@@ -7,17 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from soar_lite.bench import swap as bench
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_swap_record(tmp_path):

@@ -18,13 +18,7 @@ from soar_lite import config, families
 from soar_lite.config import LoraConfig, SoarConfig
 from soar_lite.objective import Draws, PathDraws, soar_loss
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

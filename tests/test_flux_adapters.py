@@ -15,13 +15,7 @@ from soar_lite.config import LoraConfig
 from soar_lite.lora import add_lora, folded_state
 from tests.test_adapters import CASES, by_module, comfy_delta, peft_merged
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())

@@ -37,12 +37,7 @@ STEPS = 10
 LOSS_RTOL, GRAD_RTOL, GRAD_SCALED_ATOL = 1e-5, 1e-4, 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ import torch
 from soar_lite.toy import checker, pretrain, shipped
 from soar_lite.toy.shapes import all_captions
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_base_is_the_default_recipe():

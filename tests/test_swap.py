@@ -20,13 +20,7 @@ from soar_lite.errors import UserError
 from soar_lite.objective import Draws, NoiseGrid, PathDraws, Rollout, soar_loss
 from soar_lite.swap import BlockSwap, blocks_of, frozen_bytes
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]

@@ -36,14 +36,7 @@ from soar_lite.toy.tiny_sd3 import (
 RUN = {"num_inference_steps": 2, "height": 32, "width": 32, "max_sequence_length": 4, "output_type": "np"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models, shared 2-core boxes: with 2 OpenMP threads and another busy process, every op
-    waits for a descheduled thread (the 5+5-step build took 38 s instead of 1.7 s). Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
