@@ -35,12 +35,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     preset, overrides = args.preset, _run_overrides(args)
     main_process = os.environ.get("RANK", "0") == "0"  # print once per run, not per process
     _check_vram(args.vram)
-    if any(o.strip() in ("swap_blocks=auto", "model.swap_blocks=auto") for o in overrides):
-        from soar_lite.plan import resolve_swap_auto
+    from soar_lite.plan import resolve_swap_auto
 
-        overrides, notes = resolve_swap_auto(preset, overrides, args.vram)
-        if main_process:
-            print("\n".join(notes))
+    overrides, notes = resolve_swap_auto(preset, overrides, args.vram)  # unchanged without auto
+    if notes and main_process:
+        print("\n".join(notes))
     if preset == "auto" or args.vram is not None:
         from soar_lite.plan import fit
 

@@ -122,13 +122,12 @@ def shipped_for(recipe_key: str, source: Path = SHIPPED_DIR) -> bool:
 
 def main() -> None:
     """Build the default recipe in a temporary home and write it into ``soar_lite/toy/base``."""
-    from soar_lite.toy.pretrain import COMPLETE_MARKER, ToyRecipe, build_tiny_base
+    from soar_lite.toy.pretrain import ToyRecipe, build_tiny_base
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="soar-lite-base-") as tmp:
         folder = Path(tmp) / "base"
         stats = build_tiny_base(folder, ToyRecipe())
-        (folder / COMPLETE_MARKER).write_text(json.dumps(stats, sort_keys=True), encoding="utf-8")
         print(pack_base(folder, SHIPPED_DIR, stats))
 
 
