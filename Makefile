@@ -19,5 +19,5 @@ bench:  ## the step and cache benchmarks (minutes), written where README quotes 
 	$(PYTHON) -m soar_lite.cli bench step --output benchmarks/step.json
 	$(PYTHON) -m soar_lite.cli bench cache --output benchmarks/cache.json
 
-bench-quality:  ## SFT vs SOAR on the toy, 6 seeds (~25 min here)
+bench-quality:  ## sft, soar, scheduled (+ equal-time SFT) on the toy, 6 seeds (~70 min here)
 	$(PYTHON) -m soar_lite.cli bench quality
