@@ -204,8 +204,9 @@ class SwapPlan:
     of: int
     swapped_gb: float  # the swapped blocks' weights (now in system RAM, pinned)
     in_flight_gb: float  # the swapped blocks on the GPU at once (running + prefetched)
-    load_gb: float  # the GPU while loading, before the swap moves blocks out (full base + context)
+    load_gb: float  # the GPU while loading block by block: context, resident blocks, one being quantized
     ram_gb: float  # system RAM while training
+    load_ram_gb: float  # system RAM while loading: the swapped blocks plus the one being read
     copies_per_step: int  # block copies per optimizer step (upper bound: every pass copies each block)
     pcie_gb_per_step: float
 
@@ -213,7 +214,8 @@ class SwapPlan:
         seconds = self.pcie_gb_per_step * GIB / 1e9 / PCIE_GB_PER_S
         return "\n".join([
             f"block swap: {self.blocks} of {self.of} blocks in system RAM",
-            f"  {'GPU while loading (before the swap)':38s} {self.load_gb:7.2f}",
+            f"  {'GPU while loading (block by block)':38s} {self.load_gb:7.2f}",
+            f"  {'system RAM while loading':38s} {self.load_ram_gb:7.2f}",
             f"  {'system RAM while training':38s} {self.ram_gb:7.2f}",
             f"  PCIe traffic: {self.pcie_gb_per_step:.1f} GiB per optimizer step ({self.copies_per_step} "
             f"block copies), ~{seconds:.1f} s at {PCIE_GB_PER_S:g} GB/s if not hidden behind compute",
@@ -463,10 +465,17 @@ def plan_swap(
 ) -> SwapPlan:
     """The swap's effect: the last ``swap_blocks`` blocks leave the GPU but for the ones in flight;
     each trained pass copies every swapped block twice (forward, checkpointed recompute), each
-    no-grad pass once (an upper bound: blocks still resident from the previous pass are not copied)."""
+    no-grad pass once (an upper bound: blocks still resident from the previous pass are not copied).
+
+    Loading is block by block (:mod:`soar_lite.blockload`): a block is read in the base dtype, then
+    quantized where it will live, so the GPU holds the resident blocks plus the largest one's
+    unquantized excess, and RAM the swapped blocks plus the largest one as read."""
     sizes = block_bytes(config, per_linear, base_bytes)
+    dense = block_bytes(config, base_bytes, base_bytes)  # as read from the checkpoint, before quantizing
     n = min(cfg.model.swap_blocks, len(sizes))
     swapped = sizes[len(sizes) - n :]
+    resident = range(len(sizes) - n)
+    quantizing = max((dense[i] - sizes[i] for i in resident), default=0.0)
     in_flight = sum(sorted(swapped)[-WINDOW:]) if n else 0.0
     trained = 1
     if cfg.effective_lambda_aux:
@@ -478,8 +487,9 @@ def plan_swap(
         of=len(sizes),
         swapped_gb=sum(swapped) / GIB,
         in_flight_gb=in_flight / GIB,
-        load_gb=CUDA_CONTEXT_GB + base_gb,
+        load_gb=CUDA_CONTEXT_GB + base_gb - (sum(swapped) - quantizing) / GIB,
         ram_gb=PROCESS_RAM_GB + sum(swapped) / GIB,
+        load_ram_gb=PROCESS_RAM_GB + (sum(swapped) + max(dense)) / GIB,
         copies_per_step=n * rounds,
         pcie_gb_per_step=sum(swapped) * rounds / GIB,
     )

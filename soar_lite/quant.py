@@ -1,10 +1,12 @@
 """Quantized frozen bases: which backend runs where, and a clear error before any long work.
 
-bitsandbytes NF4 / int8 load through diffusers (quantized while loading) only with CUDA; on the
-CPU the same bitsandbytes modules are swapped in after loading (``quantize_bnb_linears``), so the
-NF4 / int8 training path is tested here too. torchao int8 weight-only runs on CPU and GPU; torchao
-float8 needs a GPU with compute capability >= 8.9. LoRA weights stay in full precision on top of
-the quantized linears, and the same quantized base serves the training passes and the rollout.
+bitsandbytes NF4 / int8: the denoiser loads block by block (:mod:`soar_lite.blockload`) and each
+block's linears become bitsandbytes ones where the block will live (``quantize_bnb_linears``), on
+the CPU and the GPU alike, so the NF4 / int8 path the tests train is the one a card runs; only a
+model whose safetensors cannot be read that way loads through diffusers' ``BitsAndBytesConfig``
+(CUDA). torchao int8 weight-only runs on CPU and GPU; torchao float8 needs a GPU with compute
+capability >= 8.9. LoRA weights stay in full precision on top of the quantized linears, and the
+same quantized base serves the training passes and the rollout.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def diffusers_config(quant: str, compute_dtype: torch.dtype, device: torch.devic
 
 
 def quantize_bnb_linears(model: torch.nn.Module, quant: str, compute_dtype: torch.dtype) -> int:
-    """Swap the transformer blocks' ``nn.Linear`` layers for bitsandbytes NF4 / int8 ones (CPU path).
+    """Swap the transformer blocks' ``nn.Linear`` layers for bitsandbytes NF4 / int8 ones (every
+    block list: FLUX's single blocks too; given one block, that block's).
 
     Quantization happens when the module is moved to a device (``Params4bit`` / ``Int8Params``);
     embedders and the output layer (``KEEP_DENSE``) stay in the base dtype, as the CUDA path's
@@ -76,9 +79,11 @@ def quantize_bnb_linears(model: torch.nn.Module, quant: str, compute_dtype: torc
     """
     import bitsandbytes as bnb
 
-    blocks = getattr(model, "transformer_blocks", model)
+    from soar_lite.swap import BLOCK_LISTS
+
+    lists = [getattr(model, name) for name in BLOCK_LISTS if hasattr(model, name)] or [model]
     swapped = 0
-    for parent in list(blocks.modules()):
+    for parent in [m for blocks in lists for m in blocks.modules()]:
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear:
                 continue

@@ -27,9 +27,11 @@ How, and why this way:
   saved tensors, so the config refuses ``swap_blocks`` without it.
 
 The home copies are pinned (page-locked) on CUDA so the copies can be asynchronous; one copy of
-each swapped weight exists in RAM (the blocks are moved out one at a time at install, never a
-second full copy). On the CPU (tests, ``soar-lite bench swap``) the "device" copy is a clone, and
-``poison=True`` fills an evicted block with NaN so that any use of it without its swap-in fails.
+each swapped weight exists in RAM: the block-by-block loader (:mod:`soar_lite.blockload`) parks a
+swapped block there as it reads it (``park``), and the swap takes those pinned copies as they are;
+a model loaded whole is moved out one block at a time at install, never a second full copy. On
+the CPU (tests, ``soar-lite bench swap``) the "device" copy is a clone, and ``poison=True`` fills
+an evicted block with NaN so that any use of it without its swap-in fails.
 """
 
 from __future__ import annotations
@@ -74,16 +76,35 @@ def blocks_of(transformer: torch.nn.Module) -> list[torch.nn.Module]:
     return out
 
 
-def frozen_bytes(module: torch.nn.Module) -> int:
-    """Bytes a swap moves for ``module``: its frozen parameters and buffers (bnb statistics included)."""
+def frozen_bytes(module: torch.nn.Module, *, off_cpu: bool = False) -> int:
+    """Bytes a swap moves for ``module``: its frozen parameters and buffers (bnb statistics included);
+    ``off_cpu``: only those not already in system RAM (what moving the block out adds to it)."""
     total = 0
     for sub in module.modules():
         tensors = [p for p in sub._parameters.values() if p is not None and not p.requires_grad]
         tensors += [b for b in sub._buffers.values() if b is not None]
         state = getattr(sub, "state", None)
         tensors += [t for t in (getattr(state, "SCB", None),) if isinstance(t, Tensor)]
+        tensors = [t for t in tensors if not (off_cpu and t.device.type == "cpu")]
         total += sum(t.numel() * t.element_size() for t in tensors)
     return total
+
+
+def check_ram(wanted: int, count: int) -> None:
+    """Refuse, before anything moves, a swap whose blocks would not fit the RAM available now."""
+    free = available_ram_bytes()
+    if free is not None and wanted > RAM_SHARE * free:
+        raise UserError(
+            f"model.swap_blocks={count} needs {wanted / 2**30:.1f} GiB of system RAM and "
+            f"{free / 2**30:.1f} GiB is available: swap fewer blocks or free memory"
+        )
+
+
+def park(block: torch.nn.Module, device: torch.device | str) -> None:
+    """Give ``block``'s frozen tensors their system-RAM home copies now (pinned when ``device`` is a
+    GPU), as a swap would: the block-by-block loader parks each swapped block as it is read, so the
+    GPU never holds it; :class:`BlockSwap` later takes the pinned copies as they are."""
+    _slots(block, device, pin=torch.device(device).type == "cuda")
 
 
 @dataclass
@@ -118,13 +139,8 @@ class BlockSwap:
         self.cuda = self.device.type == "cuda"
         self.poison, self.window = poison, max(window, 1)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        wanted = sum(frozen_bytes(b) for b in blocks[len(blocks) - count :])
-        free = available_ram_bytes()
-        if free is not None and wanted > RAM_SHARE * free:  # before anything moves: no OOM half-way
-            raise UserError(
-                f"model.swap_blocks={count} needs {wanted / 2**30:.1f} GiB of system RAM and "
-                f"{free / 2**30:.1f} GiB is available: swap fewer blocks or free memory"
-            )
+        # before anything moves: no OOM half-way (blocks the loader parked are in RAM already)
+        check_ram(sum(frozen_bytes(b, off_cpu=self.cuda) for b in blocks[len(blocks) - count :]), count)
         self.order = list(range(len(blocks)))
         self.swapped: dict[int, _Block] = {}
         self.resident: list[int] = []  # least recently used first
@@ -251,6 +267,8 @@ def _block_bytes(block: _Block) -> int:
 
 def _home(t: Tensor, pin: bool) -> Tensor:
     """The system-RAM copy of ``t`` (pinned for asynchronous copies when the device is a GPU)."""
+    if pin and t.device.type == "cpu" and t.is_pinned():  # parked by the loader: already its home
+        return t.detach()
     if pin:  # straight into page-locked memory: one copy, no pageable stop on the way
         try:
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.detach())

@@ -212,9 +212,13 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
         text_encoders=False,
         vae=accelerator.is_main_process,
         options=cfg.flux,
+        swap_blocks=cfg.model.swap_blocks,  # loaded straight into system RAM, block by block
     )
     torch.manual_seed(cfg.seed)  # the adapter's initial weights
     params = lora.add_lora(family.transformer, cfg.lora)
+    for p in params:  # peft puts an adapter beside its base weight: a swapped block's is in RAM
+        if p.device != accelerator.device:
+            p.data = p.data.to(accelerator.device)
     if cfg.model.gradient_checkpointing:
         family.transformer.enable_gradient_checkpointing()
     optimizer = build_optimizer(param_groups(family.transformer, cfg), cfg)
@@ -228,8 +232,9 @@ def build_run(cfg: TrainConfig, model_path: str, data: cache.CachedData, acceler
         frozen = [name for name, p in transformer.named_parameters() if not p.requires_grad]
         buffers = [name for name, _ in transformer.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen + buffers)
-    model, optimizer = accelerator.prepare(family.transformer, optimizer)
-    swap.install(family.transformer, cfg.model.swap_blocks, accelerator.device)  # after prepare's .to()
+    # the loader placed every tensor (swapped blocks in RAM): prepare must not move the model whole
+    model, optimizer = accelerator.prepare(family.transformer, optimizer, device_placement=[False, None])
+    swap.install(family.transformer, cfg.model.swap_blocks, accelerator.device)
     # Every draw is made on the CPU and moved: CUDA random kernels depend on the GPU model (SM count),
     # so a CPU generator gives every process, card and machine the same global draws.
     generator = torch.Generator().manual_seed(cfg.seed)

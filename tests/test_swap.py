@@ -67,20 +67,20 @@ def _prepare(model: torch.nn.Module, targets: list[str], quant: str = "none") ->
     return params
 
 
-def _step(model, params, cond, uncond, make):
+def _step(model, params, cond, uncond, make, device: str = "cpu"):
     velocity, rollout = make(model)
     g = torch.Generator().manual_seed(3)
-    z0 = torch.randn(3, 16, 8, 8, generator=g)
+    z0 = torch.randn(3, 16, 8, 8, generator=g).to(device)
     cfg = SoarConfig(lambda_aux=1.0, trajectory_length=2, reuse_main_pass=True)
     draws = Draws(torch.randn(z0.shape, generator=g), torch.tensor([0.8123, 0.3456, 0.0123]))
     draws.paths.append(PathDraws(None, torch.rand((2, 3), generator=g)))
     grid = NoiseGrid.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0))
-    report = soar_loss(velocity, z0, cond, uncond, grid, cfg, rollout=rollout, draws=draws,
+    report = soar_loss(velocity, z0, cond, uncond, grid, cfg, rollout=rollout, draws=draws.to(device),
                        backward=lambda term, last: term.backward())  # fmt: skip
-    grads = [p.grad.clone() for p in params]
+    grads = [p.grad.detach().cpu().clone() for p in params]
     for p in params:
         p.grad = None
-    return report.loss.detach(), grads
+    return report.loss.detach().cpu(), grads
 
 
 def _compare(build, count: int, quant: str = "none") -> BlockSwap:

@@ -76,10 +76,42 @@ def check_model_path(path: str) -> None:
         raise UserError(f"model {path!r} is neither a local folder nor a hub id like org/name")
 
 
-def load_transformer(cls: Any, path: str, dtype: torch.dtype, quant: str, device: torch.device | str) -> Any:
-    """The frozen denoiser, quantized as ``quant`` says, on ``device`` (the same path for every family)."""
+def transformer_folder(path: str) -> Path | None:
+    """The folder holding the denoiser's config and safetensors: a local pipeline's ``transformer``,
+    or a hub id's, fetched into the hub cache (only those files; None where that fails: the plain
+    ``from_pretrained`` then gives its own error)."""
+    if Path(path).exists():
+        local = Path(path) / "transformer"
+        return local if local.is_dir() else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(path, allow_patterns=["transformer/*.json", "transformer/*.safetensors"])
+    except Exception as exc:  # offline, gated, unknown id: from_pretrained says it in its own words
+        log.info("load: cannot fetch %s/transformer (%s): loading through from_pretrained", path, exc)
+        return None
+    folder = Path(snapshot) / "transformer"
+    return folder if folder.is_dir() else None
+
+
+def load_transformer(
+    cls: Any, path: str, dtype: torch.dtype, quant: str, device: torch.device | str, swap_blocks: int = 0
+) -> Any:
+    """The frozen denoiser, quantized as ``quant`` says, on ``device`` but for the last ``swap_blocks``
+    blocks, which stay in system RAM for the block swap (the same path for every family).
+
+    A local folder's safetensors load block by block (:mod:`soar_lite.blockload`: the GPU never
+    holds the swapped blocks, RAM never a second copy); hub ids, ``.bin`` weights and torchao load
+    whole through ``from_pretrained`` and the swap moves its blocks out afterwards."""
+    from soar_lite import blockload
     from soar_lite import quant as quantization
 
+    folder = transformer_folder(path) if quant in ("none", "nf4", "int8") else None
+    if folder is not None and blockload.checkpoint_keys(folder) is not None:
+        return blockload.load_blockwise(cls, folder, dtype, quant, device, swap_blocks)
+    if swap_blocks:
+        log.warning("load: %s loads whole onto %s before the swap moves %d blocks out (block-by-block "
+                    "loading reads safetensors, quant none/nf4/int8)", path, device, swap_blocks)  # fmt: skip
     model = cls.from_pretrained(
         path,
         subfolder="transformer",
@@ -109,6 +141,7 @@ def load_pipeline(
     vae: bool,
     encoder_offload: str,
     absent: Callable[[], dict[str, None]] | None = None,
+    swap_blocks: int = 0,
 ) -> tuple[Any, Any, torch.dtype]:
     """Every family's load: the pipeline without its denoiser (and without the VAE or the text side,
     ``text_parts``, when not asked for), the frozen denoiser quantized as ``quant`` says, the
@@ -127,7 +160,9 @@ def load_pipeline(
     try:
         parts.update(absent() if absent is not None else {})
         pipe = pipeline_cls.from_pretrained(path, dtype=torch_dtype, **parts)
-        model = load_transformer(transformer_cls, path, torch_dtype, quant, device) if transformer else None
+        model = None
+        if transformer:
+            model = load_transformer(transformer_cls, path, torch_dtype, quant, device, swap_blocks)
     except OSError as exc:
         raise UserError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
     names = [name for name in text_parts if name.startswith("text_encoder")]

@@ -172,6 +172,7 @@ class FluxFamily:
         text_encoders: bool = True,
         vae: bool = True,
         encoder_offload: str = "auto",
+        swap_blocks: int = 0,
         options: Any = None,
     ) -> FluxFamily:
         """Load the parts asked for from a FluxPipeline folder (or hub id: needs network)."""
@@ -179,7 +180,7 @@ class FluxFamily:
         pipe, model, torch_dtype = load_pipeline(
             FluxPipeline, FluxTransformer2DModel, path, TEXT_PARTS,
             device=device, dtype=dtype, quant=quant, transformer=transformer,
-            text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload,
+            text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload, swap_blocks=swap_blocks,
         )  # fmt: skip
         return cls(path, torch.device(device), torch_dtype, seq, pipe, model, options)
 

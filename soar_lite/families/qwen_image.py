@@ -142,6 +142,7 @@ class QwenImageFamily:
         text_encoders: bool = True,
         vae: bool = True,
         encoder_offload: str = "auto",
+        swap_blocks: int = 0,
         options: Any = None,
     ) -> QwenImageFamily:
         """Load the parts asked for from a QwenImagePipeline folder (or hub id: needs network)."""
@@ -149,7 +150,7 @@ class QwenImageFamily:
         pipe, model, torch_dtype = load_pipeline(
             QwenImagePipeline, QwenImageTransformer2DModel, path, TEXT_PARTS,
             device=device, dtype=dtype, quant=quant, transformer=transformer,
-            text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload,
+            text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload, swap_blocks=swap_blocks,
         )  # fmt: skip
         return cls(path, torch.device(device), torch_dtype, seq, pipe, model)
 

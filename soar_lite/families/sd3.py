@@ -123,6 +123,7 @@ class SD3Family:
         text_encoders: bool = True,
         vae: bool = True,
         encoder_offload: str = "auto",
+        swap_blocks: int = 0,
         options: Any = None,
     ) -> SD3Family:
         """Load the parts asked for from a pipeline folder or hub id (hub needs network).
@@ -140,6 +141,7 @@ class SD3Family:
             StableDiffusion3Pipeline, SD3Transformer2DModel, path, TEXT_PARTS,
             device=device, dtype=dtype, quant=quant, transformer=transformer,
             text_encoders=text_encoders, vae=vae, encoder_offload=encoder_offload, absent=absent,
+            swap_blocks=swap_blocks,
         )  # fmt: skip
         stub = _ConfigOnly(FrozenDict(SD3Transformer2DModel.load_config(path, subfolder="transformer")))
         pipe.transformer = stub
