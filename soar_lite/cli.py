@@ -125,6 +125,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Estimated peak GPU memory of a preset on a model, from its config alone (no weights)."""
+    from soar_lite.doctor import system_memory
     from soar_lite.plan import plan, resolve_swap_auto, suggest, tier_of
 
     _check_vram(args.vram)
@@ -136,6 +137,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = args.model or cfg.model.path
     result = plan(cfg, model, tier)
     print(result.render())
+    memory = system_memory()
+    if memory is not None:  # peak system RAM matters as much as the card's (USER-PAINS)
+        print(result.ram_verdict(memory[0]))
     if result.fits is False:
         found = suggest(args.preset, overrides, model, tier)
         if found is None:

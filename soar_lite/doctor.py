@@ -387,7 +387,7 @@ def sdpa_check(device: torch.device | str) -> Check:
     return Check("sdpa", OK, f"torch scaled_dot_product_attention runs on {device}", data={"available": True})
 
 
-def _memory() -> tuple[float, float] | None:
+def system_memory() -> tuple[float, float] | None:
     """(total, available) system RAM in GiB: /proc/meminfo, else psutil if installed, else sysconf."""
     with contextlib.suppress(OSError, ValueError, KeyError):
         fields = dict(
@@ -409,7 +409,7 @@ def _memory() -> tuple[float, float] | None:
 def ram_check() -> Check:
     """System RAM: caching SD3.5 text embeddings loads T5-XXL into RAM first (USER-PAINS: RAM, not
     VRAM, is often the real limit)."""
-    memory = _memory()
+    memory = system_memory()
     advice = (f"caching SD3.5 text embeddings loads T5-XXL (~9.5 GB) into RAM: have {MIN_RAM_GB} GiB "
               "free for `soar-lite cache` (training from the cache does not load it)")  # fmt: skip
     if memory is None:

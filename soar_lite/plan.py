@@ -243,6 +243,27 @@ class Plan:
         load = self.swap.load_gb if self.swap is not None else 0.0
         return max(self.total, load) <= self.tier_gb * 0.95
 
+    @property
+    def ram_peak(self) -> tuple[float, str]:
+        """The largest system-RAM figure of the plan (GiB) and the stage it belongs to."""
+        stages = [(0.0, "")]
+        if self.cache is not None:
+            stages.append((self.cache.ram_gb, "the cache stage's text encoders"))
+        if self.swap is not None:
+            stages.append((self.swap.load_ram_gb, "loading the swapped blocks"))
+        return max(stages)
+
+    def ram_verdict(self, total_gb: float) -> str:
+        """One line: whether the plan's RAM peak fits a machine with ``total_gb`` of RAM (90 %: the
+        desktop and the page cache keep some), and what to change where it does not."""
+        peak, stage = self.ram_peak
+        if peak <= total_gb * 0.9:
+            return f"system RAM: peak ~{peak:.1f} GiB ({stage}) fits this machine's {total_gb:.1f} GiB"
+        swapping = self.swap is not None and "swapped" in stage
+        advice = "swap fewer blocks (swap_blocks=N)" if swapping else "cache elsewhere"
+        return (f"system RAM: peak ~{peak:.1f} GiB ({stage}) does NOT fit this machine's {total_gb:.1f} GiB: "
+                f"{advice}, or add RAM / swap space")  # fmt: skip
+
     def render(self) -> str:
         lines = [f"memory plan for {self.model} (estimate, GiB)"]
         lines += [f"  {name:38s} {value:7.2f}" for name, value in self.parts.items()]

@@ -144,3 +144,23 @@ def test_compare_run_takes_every_arm_the_run_config_names(tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump({"objective": "soar"}), encoding="utf-8")
     with pytest.raises(UserError, match="not a multi-arm run"):
         cli._arms(args)
+
+
+def test_plan_says_whether_the_ram_peak_fits_this_machine(capsys, monkeypatch):
+    """qwen-image-16gb: the cache stage loads the ~15.4 GiB Qwen2.5-VL into RAM (~17 GiB planned),
+    more than the swapped blocks' ~5.7 GiB while loading: the verdict names the larger."""
+    from soar_lite import doctor
+
+    monkeypatch.setattr(doctor, "system_memory", lambda: (64.0, 60.0))
+    assert main(["plan", "--preset", "qwen-image-16gb"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("system RAM:"))
+    assert "fits this machine's 64.0 GiB" in line and "text encoders" in line
+    monkeypatch.setattr(doctor, "system_memory", lambda: (16.0, 12.0))
+    assert main(["plan", "--preset", "qwen-image-16gb"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("system RAM:"))
+    assert "does NOT fit this machine's 16.0 GiB" in line
+    assert "cache elsewhere" in line  # the encoders, not the swap, are the peak here
+    monkeypatch.setattr(doctor, "system_memory", lambda: (6.0, 5.0))
+    assert main(["plan", "--preset", "flux-8gb", "--model", "flux.1-dev"]) == 0
+    out = capsys.readouterr().out
+    assert "does NOT fit this machine's 6.0 GiB" in out
