@@ -10,8 +10,9 @@ full copy (issue 14). One loader and one quantization function serve the CPU and
 layout the tests check is the one a card trains.
 
 Swapped blocks (the last ``swap_blocks``, the ones :class:`soar_lite.swap.BlockSwap` moves) are
-quantized on the CPU, where they stay; every other block is moved to the device first and
-quantized there. Everything outside the blocks (embedders, final norm and projection) stays in
+quantized on the CPU, where they stay; every other block's linears are quantized on their way to
+the device, one at a time (bitsandbytes quantizes on a move from the CPU: int8 only then), and the
+rest of the block follows. Everything outside the blocks (embedders, final norm and projection) stays in
 the base dtype, as the quantization module's ``KEEP_DENSE`` says.
 
 Only a local folder holding ``diffusion_pytorch_model.safetensors`` (or its sharded index) is read
@@ -101,11 +102,11 @@ def load_blockwise(
             _load_into(block, prefix, groups.get(prefix, []), read, files, dtype)
             _check_complete(block, prefix, folder, model)
             where = torch.device("cpu") if prefix in parked else device
-            block.to(where)
-            if quant in ("nf4", "int8"):
+            if quant in ("nf4", "int8"):  # each linear quantized on its way to ``where``, from RAM
                 from soar_lite.quant import quantize_bnb_linears
 
-                quantize_bnb_linears(block, quant, dtype)
+                quantize_bnb_linears(block, quant, dtype, where)
+            block.to(where)
             if prefix in parked:
                 park(block, device)  # its home copies, pinned for the swap's copies when on CUDA
             if on_group is not None:

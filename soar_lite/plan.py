@@ -450,8 +450,8 @@ def plan(cfg: TrainConfig, model: str, tier_gb: float | None = None) -> Plan:
     return Plan(model, parts, tier_gb, plan_cache_stage(model, cfg.model.dtype, tier_gb), swap)
 
 
-def block_bytes(config: dict[str, Any], per_linear: float, base_bytes: int) -> list[float]:
-    """Bytes of each transformer block's frozen weights at the chosen quantization, in forward order."""
+def _meta_blocks(config: dict[str, Any]) -> list[torch.nn.Module]:
+    """The transformer's blocks, built on the meta device from its config (no weights)."""
     import diffusers
 
     from soar_lite.swap import blocks_of
@@ -459,8 +459,13 @@ def block_bytes(config: dict[str, Any], per_linear: float, base_bytes: int) -> l
     cls = getattr(diffusers, config.get("_class_name", "SD3Transformer2DModel"))
     with torch.device("meta"):
         model = cls(**{k: v for k, v in config.items() if not k.startswith("_")})
+    return blocks_of(model)
+
+
+def block_bytes(config: dict[str, Any], per_linear: float, base_bytes: int) -> list[float]:
+    """Bytes of each transformer block's frozen weights at the chosen quantization, in forward order."""
     sizes = []
-    for block in blocks_of(model):
+    for block in _meta_blocks(config):
         linear = sum(
             m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
             for m in block.modules()
@@ -469,6 +474,12 @@ def block_bytes(config: dict[str, Any], per_linear: float, base_bytes: int) -> l
         other = sum(p.numel() for p in block.parameters()) - linear
         sizes.append(linear * per_linear + other * base_bytes)
     return sizes
+
+
+def largest_linear(config: dict[str, Any]) -> int:
+    """Parameters of the largest linear layer in any block (what the loader holds unquantized at once)."""
+    linears = [m for block in _meta_blocks(config) for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    return max(m.weight.numel() for m in linears)
 
 
 def rollout_passes(cfg: TrainConfig, config: dict[str, Any]) -> int:
@@ -488,15 +499,15 @@ def plan_swap(
     each trained pass copies every swapped block twice (forward, checkpointed recompute), each
     no-grad pass once (an upper bound: blocks still resident from the previous pass are not copied).
 
-    Loading is block by block (:mod:`soar_lite.blockload`): a block is read in the base dtype, then
-    quantized where it will live, so the GPU holds the resident blocks plus the largest one's
-    unquantized excess, and RAM the swapped blocks plus the largest one as read."""
+    Loading is block by block (:mod:`soar_lite.blockload`): a block is read into RAM in the base
+    dtype and its linears quantized one at a time on their way to the GPU, so the GPU holds the
+    resident blocks plus the largest linear's unquantized weight, and RAM the swapped blocks plus
+    the largest block as read."""
     sizes = block_bytes(config, per_linear, base_bytes)
     dense = block_bytes(config, base_bytes, base_bytes)  # as read from the checkpoint, before quantizing
     n = min(cfg.model.swap_blocks, len(sizes))
     swapped = sizes[len(sizes) - n :]
-    resident = range(len(sizes) - n)
-    quantizing = max((dense[i] - sizes[i] for i in resident), default=0.0)
+    quantizing = largest_linear(config) * max(base_bytes - per_linear, 0.0) if n < len(sizes) else 0.0
     in_flight = sum(sorted(swapped)[-WINDOW:]) if n else 0.0
     trained = 1
     if cfg.effective_lambda_aux:

@@ -68,13 +68,18 @@ def diffusers_config(quant: str, compute_dtype: torch.dtype, device: torch.devic
     return TorchAoConfig(Int8WeightOnlyConfig() if quant == "torchao-int8" else Float8WeightOnlyConfig())
 
 
-def quantize_bnb_linears(model: torch.nn.Module, quant: str, compute_dtype: torch.dtype) -> int:
+def quantize_bnb_linears(
+    model: torch.nn.Module, quant: str, compute_dtype: torch.dtype, device: torch.device | str | None = None
+) -> int:
     """Swap the transformer blocks' ``nn.Linear`` layers for bitsandbytes NF4 / int8 ones (every
     block list: FLUX's single blocks too; given one block, that block's).
 
     Quantization happens when the module is moved to a device (``Params4bit`` / ``Int8Params``);
     embedders and the output layer (``KEEP_DENSE``) stay in the base dtype, as the CUDA path's
     ``llm_int8_skip_modules`` keeps them; int8 uses the same outlier threshold.
+    ``device``: where each new layer goes, quantized on the way (default: where its weight is). The
+    weights must still be on the CPU when a GPU is the target: bitsandbytes' int8 quantizes only on
+    a move from the CPU, so the loader keeps a block in RAM until its linears are quantized.
     Returns the number of layers swapped.
     """
     import bitsandbytes as bnb
@@ -101,6 +106,6 @@ def quantize_bnb_linears(model: torch.nn.Module, quant: str, compute_dtype: torc
                 layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             if bias:
                 layer.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
-            setattr(parent, name, layer.to(child.weight.device))
+            setattr(parent, name, layer.to(child.weight.device if device is None else device))
             swapped += 1
     return swapped

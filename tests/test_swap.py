@@ -229,7 +229,7 @@ def flux_config_dir(tmp_path_factory: pytest.TempPathFactory):
 
 def test_planner_counts_the_swapped_blocks(flux_config_dir):
     from soar_lite.config import build_config
-    from soar_lite.plan import GIB, PROCESS_RAM_GB, plan
+    from soar_lite.plan import CUDA_CONTEXT_GB, GIB, PROCESS_RAM_GB, plan
 
     folder, model = flux_config_dir
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
@@ -248,6 +248,11 @@ def test_planner_counts_the_swapped_blocks(flux_config_dir):
     assert on.swap.copies_per_step == 4 * rounds
     assert on.swap.pcie_gb_per_step == pytest.approx(swapped * rounds / GIB, rel=1e-9)
     assert on.swap.ram_gb == pytest.approx(PROCESS_RAM_GB + swapped / GIB, rel=1e-9)
+    # loading block by block: the GPU holds all but the swapped blocks (nothing to quantize here);
+    # RAM the swapped blocks plus the largest block while it is read
+    base = next(v for k, v in on.parts.items() if k.startswith("base weights"))
+    assert on.swap.load_gb == pytest.approx(CUDA_CONTEXT_GB + base - swapped / GIB, rel=1e-9)
+    assert on.swap.load_ram_gb == pytest.approx(PROCESS_RAM_GB + (swapped + max(sizes)) / GIB, rel=1e-9)
     assert "PCIe traffic" in on.render() and "block swap" not in off.render()
     kept = plan(build_config({}, [*common, "swap_blocks=2"]), str(folder), 8)  # two stay resident
     assert kept.total == pytest.approx(off.total, rel=1e-9) and kept.swap.copies_per_step == 0
