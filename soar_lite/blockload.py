@@ -12,12 +12,13 @@ layout the tests check is the one a card trains.
 Swapped blocks (the last ``swap_blocks``, the ones :class:`soar_lite.swap.BlockSwap` moves) are
 quantized on the CPU, where they stay; every other block's linears are quantized on their way to
 the device, one at a time (bitsandbytes quantizes on a move from the CPU: int8 only then), and the
-rest of the block follows. Everything outside the blocks (embedders, final norm and projection) stays in
-the base dtype, as the quantization module's ``KEEP_DENSE`` says.
+rest of the block follows. Everything outside the blocks (embedders, final norm and projection)
+stays in the base dtype, as the quantization module's ``KEEP_DENSE`` says.
 
-Only a local folder holding ``diffusion_pytorch_model.safetensors`` (or its sharded index) is read
-this way; anything else (``.bin`` weights, variants, torchao quantization) takes the plain
-``from_pretrained`` path (``checkpoint_keys`` returns None for it).
+Only a folder holding ``diffusion_pytorch_model.safetensors`` (or its sharded index) is read this
+way (a local pipeline's ``transformer/``, or a hub id's fetched alone: ``families.common``);
+anything else (``.bin`` weights, variants, torchao quantization) takes the plain ``from_pretrained``
+path (``has_checkpoint`` is False for it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ from soar_lite.swap import BLOCK_LISTS, blocks_of, check_ram, park
 log = logging.getLogger("soar_lite.train")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
-QUANT_BYTES = {"none": None, "nf4": 0.5 + 4 / 64, "int8": 1.0 + 4 / 1024}  # per linear weight (+ scales)
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` holds safetensors this loader reads (file names only: nothing is opened)."""
+    return (Path(folder) / INDEX).is_file() or (Path(folder) / WEIGHTS).is_file()
 
 
 def checkpoint_keys(folder: str | Path) -> dict[str, Path] | None:
@@ -89,8 +94,9 @@ def load_blockwise(
     prefixes = block_prefixes(model)
     parked = set(prefixes[len(prefixes) - swap_blocks :]) if swap_blocks else set()
     groups = _group_keys(files, prefixes)
-    check_ram(_parked_bytes(groups, parked, files, quant, dtype), swap_blocks)
-    with _Reader() as read:
+    with _Reader() as reader:
+        check_ram(_parked_bytes(groups, parked, files, reader, quant, dtype), swap_blocks)  # nothing read yet
+        read = reader.read
         _load_into(model, "", groups.get("", []), read, files, dtype)
         rest = [(name, child) for name, child in model.named_children() if name not in BLOCK_LISTS]
         for name, child in rest:
@@ -144,18 +150,25 @@ class _Reader:
         self.stack = contextlib.ExitStack()
         self.handles: dict[Path, Any] = {}
 
-    def __enter__(self) -> Callable[[Path, str], Tensor]:
-        return self.read
+    def __enter__(self) -> _Reader:
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stack.close()
 
-    def read(self, file: Path, key: str) -> Tensor:
+    def _handle(self, file: Path) -> Any:
         from safetensors import safe_open
 
         if file not in self.handles:
             self.handles[file] = self.stack.enter_context(safe_open(str(file), framework="pt"))
-        return self.handles[file].get_tensor(key)
+        return self.handles[file]
+
+    def read(self, file: Path, key: str) -> Tensor:
+        return self._handle(file).get_tensor(key)
+
+    def shape(self, file: Path, key: str) -> list[int]:
+        """A tensor's shape from the file's header (no data read)."""
+        return self._handle(file).get_slice(key).get_shape()
 
 
 def _load_into(module: torch.nn.Module, prefix: str, keys: list[str], read: Callable,
@@ -173,26 +186,20 @@ def _load_into(module: torch.nn.Module, prefix: str, keys: list[str], read: Call
 
 
 def _parked_bytes(groups: dict[str, list[str]], parked: set[str], files: dict[str, Path],
-                  quant: str, dtype: torch.dtype) -> int:  # fmt: skip
+                  reader: _Reader, quant: str, dtype: torch.dtype) -> int:  # fmt: skip
     """System RAM the swapped blocks will take, from the safetensors headers (no tensor read):
-    linear weights (2-D) at the quantized size, everything else in ``dtype``."""
-    from safetensors import safe_open
+    linear weights (2-D) at the planner's quantized size, everything else in ``dtype``."""
+    import math
+
+    from soar_lite.plan import QUANT_BYTES
 
     per_param = torch.empty((), dtype=dtype).element_size()
-    linear = QUANT_BYTES.get(quant) or per_param
+    linear = QUANT_BYTES[quant] or per_param
     total = 0.0
-    by_file: dict[Path, list[str]] = {}
     for prefix in parked:
         for key in groups.get(prefix, []):
-            by_file.setdefault(files[key], []).append(key)
-    for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt") as fh:
-            for key in keys:
-                shape = fh.get_slice(key).get_shape()
-                numel = 1
-                for side in shape:
-                    numel *= side
-                total += numel * (linear if len(shape) == 2 else per_param)
+            shape = reader.shape(files[key], key)
+            total += math.prod(shape) * (linear if len(shape) == 2 else per_param)
     return int(total)
 
 

@@ -243,24 +243,23 @@ class Plan:
         load = self.swap.load_gb if self.swap is not None else 0.0
         return max(self.total, load) <= self.tier_gb * 0.95
 
-    @property
-    def ram_peak(self) -> tuple[float, str]:
-        """The largest system-RAM figure of the plan (GiB) and the stage it belongs to."""
-        stages = [(0.0, "")]
+    def _ram_stages(self) -> list[tuple[float, str, str]]:
+        """(GiB, stage, what to change where it does not fit) for each system-RAM figure of the plan."""
+        stages = [(0.0, "", "")]
         if self.cache is not None:
-            stages.append((self.cache.ram_gb, "the cache stage's text encoders"))
+            stages.append((self.cache.ram_gb, "the cache stage's text encoders", "cache elsewhere"))
         if self.swap is not None:
-            stages.append((self.swap.load_ram_gb, "loading the swapped blocks"))
-        return max(stages)
+            stages.append(
+                (self.swap.load_ram_gb, "loading the swapped blocks", "swap fewer blocks (swap_blocks=N)")
+            )
+        return stages
 
     def ram_verdict(self, total_gb: float) -> str:
         """One line: whether the plan's RAM peak fits a machine with ``total_gb`` of RAM (90 %: the
         desktop and the page cache keep some), and what to change where it does not."""
-        peak, stage = self.ram_peak
+        peak, stage, advice = max(self._ram_stages())
         if peak <= total_gb * 0.9:
             return f"system RAM: peak ~{peak:.1f} GiB ({stage}) fits this machine's {total_gb:.1f} GiB"
-        swapping = self.swap is not None and "swapped" in stage
-        advice = "swap fewer blocks (swap_blocks=N)" if swapping else "cache elsewhere"
         return (f"system RAM: peak ~{peak:.1f} GiB ({stage}) does NOT fit this machine's {total_gb:.1f} GiB: "
                 f"{advice}, or add RAM / swap space")  # fmt: skip
 
@@ -462,24 +461,14 @@ def _meta_blocks(config: dict[str, Any]) -> list[torch.nn.Module]:
     return blocks_of(model)
 
 
-def block_bytes(config: dict[str, Any], per_linear: float, base_bytes: int) -> list[float]:
-    """Bytes of each transformer block's frozen weights at the chosen quantization, in forward order."""
-    sizes = []
-    for block in _meta_blocks(config):
-        linear = sum(
-            m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-            for m in block.modules()
-            if isinstance(m, torch.nn.Linear)
-        )
-        other = sum(p.numel() for p in block.parameters()) - linear
-        sizes.append(linear * per_linear + other * base_bytes)
-    return sizes
-
-
-def largest_linear(config: dict[str, Any]) -> int:
-    """Parameters of the largest linear layer in any block (what the loader holds unquantized at once)."""
-    linears = [m for block in _meta_blocks(config) for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    return max(m.weight.numel() for m in linears)
+def _split(blocks: list[torch.nn.Module]) -> list[tuple[int, int]]:
+    """(parameters in linear layers, other parameters) of each block."""
+    out = []
+    for block in blocks:
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        linear = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in linears)
+        out.append((linear, sum(p.numel() for p in block.parameters()) - linear))
+    return out
 
 
 def rollout_passes(cfg: TrainConfig, config: dict[str, Any]) -> int:
@@ -503,11 +492,14 @@ def plan_swap(
     dtype and its linears quantized one at a time on their way to the GPU, so the GPU holds the
     resident blocks plus the largest linear's unquantized weight, and RAM the swapped blocks plus
     the largest block as read."""
-    sizes = block_bytes(config, per_linear, base_bytes)
-    dense = block_bytes(config, base_bytes, base_bytes)  # as read from the checkpoint, before quantizing
+    blocks = _meta_blocks(config)
+    split = _split(blocks)
+    sizes = [linear * per_linear + other * base_bytes for linear, other in split]
+    dense = [(linear + other) * base_bytes for linear, other in split]  # as read, before quantizing
+    largest = max(m.weight.numel() for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear))
     n = min(cfg.model.swap_blocks, len(sizes))
     swapped = sizes[len(sizes) - n :]
-    quantizing = largest_linear(config) * max(base_bytes - per_linear, 0.0) if n < len(sizes) else 0.0
+    quantizing = largest * max(base_bytes - per_linear, 0.0) if n < len(sizes) else 0.0
     in_flight = sum(sorted(swapped)[-WINDOW:]) if n else 0.0
     trained = 1
     if cfg.effective_lambda_aux:
@@ -594,7 +586,7 @@ def _fewest_swapped(
 ) -> tuple[dict[str, str], Plan] | None:
     """The fewest swapped blocks under which the plan fits (bisection: the peak falls with each
     block swapped); if none does, every block is swapped in ``chosen`` for the later steps."""
-    total = len(block_bytes(transformer_config(model), 1.0, 1))
+    total = len(_meta_blocks(transformer_config(model)))
     lo, hi = WINDOW + 1, total  # up to WINDOW swapped blocks stay resident: nothing saved
     if lo > hi:
         return None
@@ -661,7 +653,7 @@ def resolve_swap_auto(
             f"--vram {vram_gb:g}` for the other changes"
         )
     changes, fitted = found
-    total = len(block_bytes(transformer_config(model), 1.0, 1))
+    total = len(_meta_blocks(transformer_config(model)))
     note = (
         f"swap_blocks=auto: {changes['swap_blocks']} of {total} blocks swapped to fit {vram_gb:g} GB "
         f"(~{fitted.total:.1f} GiB, from ~{unswapped.total:.1f}; estimate)"

@@ -107,7 +107,7 @@ def load_transformer(
     from soar_lite import quant as quantization
 
     folder = transformer_folder(path) if quant in ("none", "nf4", "int8") else None
-    if folder is not None and blockload.checkpoint_keys(folder) is not None:
+    if folder is not None and blockload.has_checkpoint(folder):
         return blockload.load_blockwise(cls, folder, dtype, quant, device, swap_blocks)
     if swap_blocks:
         log.warning("load: %s loads whole onto %s before the swap moves %d blocks out (block-by-block "
