@@ -66,10 +66,11 @@ def test_short_recipe_run_still_trains(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_base_draws_its_world(tmp_path):
+@pytest.mark.parametrize("sampler_steps", [8, 40])
+def test_shipped_base_draws_its_world(tmp_path, sampler_steps):
     """The benchmark base's own target (issue 15): colour, shape and place all right on >= 0.6 of
-    the 135 captions at 40 sampler steps; real images score 1.0. Measured at 8 steps: 0.56 (README;
-    the issue asks 0.6 there too, not met)."""
+    the 135 captions at 8 and at 40 sampler steps (real images score 1.0). Measured on the shipped
+    base: 0.81 at 8 steps, 0.78-0.86 at 40 (README), so 0.6 leaves room for noise seeds."""
     from soar_lite.toy.tiny_sd3 import load_tiny_pipeline
 
     pipe = load_tiny_pipeline(pretrain.ensure_tiny_base(tmp_path, progress=False))
@@ -79,7 +80,7 @@ def test_shipped_base_draws_its_world(tmp_path):
     with torch.no_grad():
         images = pipe(
             captions,
-            num_inference_steps=40,
+            num_inference_steps=sampler_steps,
             guidance_scale=4.5,
             generator=generators,
             height=32,
