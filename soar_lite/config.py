@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 BUILTIN = "builtin"
 ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
-OBJECTIVES = ("sft", "soar", "scheduled")  # one run each; a comma list of them (or both) trains arms
+OBJECTIVES = ("sft", "soar", "scheduled", "reflexflow")  # one run each; a comma list of them (or both) trains arms
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -53,17 +53,12 @@ def _in_range(name: str, value: float, low: float, high: float, *, high_open: bo
 
 def _check_objective(value: str) -> None:
     """One objective, or a comma list of distinct ones (one arm each); ``both`` = ``sft,soar``."""
-    if value == "reflexflow" or "reflexflow" in value.split(","):
-        raise UserError(
-            "objective=reflexflow is not implemented: its loss equations (arXiv 2512.04904) could not be "
-            "checked here; use scheduled, the scheduled sampling it builds on"
-        )
     names = ["sft", "soar"] if value == "both" else value.split(",")
     for name in names:
         if name not in OBJECTIVES:
             raise UserError(
-                f"objective={value!r} is not valid; choose one of: sft, soar, both, scheduled, "
-                "or a comma list of them (sft,soar,scheduled)"
+                f"objective={value!r} is not valid; choose one of: sft, soar, both, scheduled, reflexflow, "
+                "or a comma list of them (sft,soar,scheduled,reflexflow)"
             )
     if len(set(names)) < len(names):
         raise UserError(f"objective={value!r} names an objective twice: one arm each")
@@ -263,6 +258,21 @@ class ScheduledConfig:
 
 
 @dataclass
+class ReflexFlowConfig:
+    """ReflexFlow as SimpleTuner ships it (``objective=reflexflow``, soar_lite/objectives.py R1-R3), on
+    scheduled sampling's rollout (``scheduled.*``). Defaults are SimpleTuner's documented ones."""
+
+    alpha: float = 1.0  # frequency-compensation weight: W = 1 + alpha * exposure / sum|exposure|
+    beta1: float = 10.0  # anti-drift (direction) term's weight
+    beta2: float = 1.0  # frequency-compensated flow loss's weight
+
+    def __post_init__(self) -> None:
+        _positive("reflexflow.alpha", self.alpha, allow_zero=True)
+        _positive("reflexflow.beta1", self.beta1, allow_zero=True)
+        _positive("reflexflow.beta2", self.beta2, allow_zero=True)
+
+
+@dataclass
 class FluxConfig:
     """FLUX.1 only (ignored by other families)."""
 
@@ -346,7 +356,7 @@ class ValidationConfig:
 class TrainConfig:
     """One training run. Sub-sections are YAML mappings in presets; knobs are ``key=value`` on the CLI."""
 
-    # sft | soar | scheduled, or a comma list (sft,soar,scheduled): one arm each into OUTPUT/<arm>,
+    # sft | soar | scheduled | reflexflow, or a comma list (sft,soar,reflexflow): one arm each into OUTPUT/<arm>,
     # same data/seeds/steps; both = sft,soar
     objective: str = "soar"
     steps: int = 100
@@ -362,6 +372,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     soar: SoarConfig = field(default_factory=SoarConfig)
     scheduled: ScheduledConfig = field(default_factory=ScheduledConfig)
+    reflexflow: ReflexFlowConfig = field(default_factory=ReflexFlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     flux: FluxConfig = field(default_factory=FluxConfig)

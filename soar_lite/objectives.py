@@ -30,10 +30,32 @@ grid per model call (a sigma change of about 0.001), which the soar-lite sampler
 rollout step is one step of the sampler the LoRA will be used with. Its multistep solvers (UniPC)
 are replaced by Euler, the step diffusers' flow-match scheduler takes.
 
-ReflexFlow (arXiv 2512.04904) is not here: the equations of its exposure-weighted (frequency
-compensation) loss and its anti-drift term could not be read through this project's search tools
-(only the abstract: "a redesigned loss under training-time scheduled sampling" and "reweighting the
-loss using exposure bias"), and an objective that cannot cite its definition is not implemented.
+ReflexFlow (``objective=reflexflow``) as SimpleTuner ships it, not as its paper writes it. The paper
+(arXiv 2512.04904) names two parts: Anti-Drift Rectification, "a redesigned loss under
+training-time scheduled sampling", and Frequency Compensation, "reweighting the loss using exposure
+bias". Its equations could not be read through this project's tools (only the abstract and the
+project page's opening are stored; the authors' repository is not). What a SimpleTuner user gets,
+on by default with scheduled sampling on flow models, is defined by SimpleTuner's
+``helpers/models/common.py`` (loss) and ``helpers/scheduled_sampling/rollout.py`` (commit bc8e6ab,
+2026-08), read for what it does, not copied, with its documented defaults ``alpha = 1``,
+``beta1 = 10`` ("to mirror the paper"), ``beta2 = 1`` (OPTIONS.md, ``--scheduled_sampling_reflexflow*``).
+On scheduled sampling's drifted state ``z'`` (steps 1-3 above; ``z' = z_t`` where ``k = 0``),
+with ``v = f(z', t, c)`` the trained prediction and ``u = z1 - z0`` the flow target:
+
+R1. Exposure bias: ``e = f(z_t, t, c) - f(z', t, c)``, both without gradient (the clean
+    prediction on the ideal state minus the prediction on the drifted one); ``e = 0`` where ``k = 0``.
+R2. Frequency compensation: per element, ``W = 1 + alpha e / max(sum |e|, eps)`` (the sum over the
+    sample's elements, so W averages 1 and is signed, as SimpleTuner's), and
+    ``L_FC = beta2 w(s) mean_pixels(W (v - u)^2)``.
+R3. Anti-drift: ``L_ADR = beta1 || v / |v| - (z' - z0) / |z' - z0| ||^2`` over the flattened sample
+    (norms floored at ``eps = 1e-6``): the prediction's direction is pulled towards the direction from
+    the clean sample through the drifted state, so an Euler step from ``z'`` heads back to ``z0``.
+    It applies to every sample, as SimpleTuner's; on ideal states it is the flow target's direction.
+
+``L = sum_b (L_FC + L_ADR)``, normalised as step 4. One difference from SimpleTuner: its
+``f(z', t, c)`` in R1 is an extra no-grad pass on the same input the trained pass sees; here the
+trained prediction, detached, is that value (one pass fewer, the same number). The other
+differences are scheduled sampling's, above.
 """
 
 from __future__ import annotations
@@ -45,7 +67,7 @@ import torch
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 from torch import Tensor
 
-from soar_lite.config import ScheduledConfig, SoarConfig
+from soar_lite.config import ReflexFlowConfig, ScheduledConfig, SoarConfig
 from soar_lite.objective import (
     Backward,
     Cond,
@@ -59,6 +81,8 @@ from soar_lite.objective import (
     _rollout,
     _weighted_sq_error,
 )
+
+EPS = 1e-6  # SimpleTuner's floor under every norm and sum it divides by
 
 
 @dataclass
@@ -137,6 +161,64 @@ def drifted_state(
     return z.to(z0.dtype)
 
 
+@dataclass
+class _Drifted:
+    """What scheduled sampling and ReflexFlow share: the (possibly drifted) input at the target level."""
+
+    z_in: Tensor
+    z_ideal: Tensor
+    draws: ScheduledDraws
+    cond: Cond
+    idx0: Tensor
+    s0: Tensor
+    scale: float
+    walks: bool
+    report: LossReport
+
+
+def _drift(
+    velocity: Velocity,
+    z0: Tensor,
+    cond: Cond,
+    uncond: Cond | None,
+    grid: NoiseGrid,
+    soar: SoarConfig,
+    sched: ScheduledConfig,
+    rollout: Rollout | None,
+    draws: ScheduledDraws | None,
+    generator: torch.Generator | None,
+    reduce_sum: Callable[[Tensor], Tensor] | None,
+    world_size: int,
+) -> _Drifted:
+    """Steps 1-3 and the normaliser of step 4, for both objectives built on the rollout."""
+    rollout = rollout or Rollout("cfg", soar.cfg_scale_sampling)
+    draws = draws or ScheduledDraws.sample(z0, soar, sched, generator)
+    walks = bool(draws.offsets.gt(0).any())
+    if uncond is None and (draws.drop_cond or (rollout.mode == "cfg" and walks)):
+        raise ValueError("this step needs the empty-prompt embedding (uncond): CFG rollout or cond dropout")
+    if draws.drop_cond:
+        cond = uncond
+    counts = torch.tensor([float(z0.shape[0]), 0.0], device=z0.device)
+    if reduce_sum is not None:
+        counts = reduce_sum(counts)
+    scale = world_size / max(float(counts[0]), 1.0)  # soar_loss's normaliser with no auxiliary term
+    idx0 = grid.index_of_time(draws.t0.to(z0.device))
+    s0 = grid.sigmas.to(z0.device)[idx0]
+    report = LossReport(torch.zeros((), device=z0.device), 0.0, 0.0, z0.shape[0], 0, 1, 0)
+    z_ideal = (1 - _bcast(s0, z0)) * z0 + _bcast(s0, z0) * draws.z1  # soar_loss's expression: SFT bit for bit
+    z_in = drifted_state(velocity, z0, draws, cond, uncond, grid, soar, rollout, report) if walks else z_ideal
+    return _Drifted(z_in, z_ideal, draws, cond, idx0, s0, scale, walks, report)
+
+
+def _finish(report: LossReport, terms: Tensor, scale: float, backward: Backward | None) -> LossReport:
+    if backward is not None:
+        backward(terms * scale, True)
+        report.loss = torch.tensor(float(terms.detach()) * scale)
+    else:
+        report.loss = torch.stack([terms * scale]).sum()
+    return report
+
+
 def scheduled_loss(
     velocity: Velocity,
     z0: Tensor,
@@ -159,31 +241,55 @@ def scheduled_loss(
     rollout imitates (``num_sampling_steps``; ``rollout`` as for SOAR, default two-pass CFG at
     ``soar.cfg_scale_sampling``). ``backward``, ``reduce_sum`` and ``world_size`` as in ``soar_loss``.
     """
-    rollout = rollout or Rollout("cfg", soar.cfg_scale_sampling)
-    draws = draws or ScheduledDraws.sample(z0, soar, sched, generator)
-    walks = bool(draws.offsets.gt(0).any())
-    if uncond is None and (draws.drop_cond or (rollout.mode == "cfg" and walks)):
-        raise ValueError("this step needs the empty-prompt embedding (uncond): CFG rollout or cond dropout")
-    if draws.drop_cond:
-        cond = uncond
-    counts = torch.tensor([float(z0.shape[0]), 0.0], device=z0.device)
-    if reduce_sum is not None:
-        counts = reduce_sum(counts)
-    scale = world_size / max(float(counts[0]), 1.0)  # soar_loss's normaliser with no auxiliary term
-    sigmas, timesteps = grid.sigmas.to(z0.device), grid.timesteps.to(z0.device)
-    idx0 = grid.index_of_time(draws.t0.to(z0.device))
-    s0 = sigmas[idx0]
-    report = LossReport(torch.zeros((), device=z0.device), 0.0, 0.0, z0.shape[0], 0, 1, 0)
-    if walks:
-        z_in = drifted_state(velocity, z0, draws, cond, uncond, grid, soar, rollout, report)
-    else:  # the same expression as soar_loss's, so that the SFT limit holds bit for bit
-        z_in = (1 - _bcast(s0, z0)) * z0 + _bcast(s0, z0) * draws.z1
-    v = velocity(z_in, timesteps[idx0], cond)
-    main = _weighted_sq_error(v, draws.z1 - z0, compute_loss_weighting_for_sd3(soar.weighting_scheme, s0))
-    report.sum_main = float(main.detach())
-    if backward is not None:
-        backward(main * scale, True)
-        report.loss = torch.tensor(report.sum_main * scale)
-    else:
-        report.loss = torch.stack([main * scale]).sum()
-    return report
+    d = _drift(velocity, z0, cond, uncond, grid, soar, sched, rollout, draws, generator, reduce_sum, world_size)
+    v = velocity(d.z_in, grid.timesteps.to(z0.device)[d.idx0], d.cond)
+    main = _weighted_sq_error(v, d.draws.z1 - z0, compute_loss_weighting_for_sd3(soar.weighting_scheme, d.s0))
+    d.report.sum_main = float(main.detach())
+    return _finish(d.report, main, d.scale, backward)
+
+
+def reflexflow_loss(
+    velocity: Velocity,
+    z0: Tensor,
+    cond: Cond,
+    uncond: Cond | None,
+    grid: NoiseGrid,
+    soar: SoarConfig,
+    sched: ScheduledConfig,
+    reflex: ReflexFlowConfig,
+    *,
+    rollout: Rollout | None = None,
+    draws: ScheduledDraws | None = None,
+    generator: torch.Generator | None = None,
+    backward: Backward | None = None,
+    reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    world_size: int = 1,
+) -> LossReport:
+    """One ReflexFlow step as SimpleTuner ships it (module docstring, steps R1-R3).
+
+    The rollout and its draws are scheduled sampling's (the same ``ScheduledDraws``, so the two arms
+    see the same drifted states); ``alpha = beta1 = 0`` with ``beta2 = 1`` is ``scheduled_loss``.
+    The report's main term is the frequency-compensated loss, its auxiliary term the anti-drift one
+    (one per sample, so ``loss_aux`` is its mean)."""
+    d = _drift(velocity, z0, cond, uncond, grid, soar, sched, rollout, draws, generator, reduce_sum, world_size)
+    t_model = grid.timesteps.to(z0.device)[d.idx0]
+    v = velocity(d.z_in, t_model, d.cond)
+    weight = torch.ones_like(v, dtype=torch.float32)
+    if d.walks and reflex.alpha:
+        walking = torch.nonzero(d.draws.offsets.to(z0.device) > 0).flatten()
+        with torch.no_grad():  # R1: the clean prediction, one pass on the ideal states of rolled samples
+            clean = velocity(d.z_ideal[walking], t_model[walking], _index(d.cond, walking))
+        d.report.nograd_forwards += 1
+        exposure = clean.float() - v[walking].detach().float()
+        total = exposure.abs().reshape(exposure.shape[0], -1).sum(dim=1).clamp_min(EPS)
+        weight[walking] = 1.0 + reflex.alpha * exposure / _bcast(total, exposure)
+    w_s = compute_loss_weighting_for_sd3(soar.weighting_scheme, d.s0)
+    err = (v.float() - (d.draws.z1 - z0).float()) ** 2 * weight * _bcast(w_s.float(), weight)
+    fc = reflex.beta2 * err.reshape(err.shape[0], -1).mean(dim=1).sum()  # R2
+    flat_v = v.float().reshape(v.shape[0], -1)
+    flat_d = (d.z_in.float() - z0.float()).reshape(v.shape[0], -1)
+    dir_v = flat_v / flat_v.norm(dim=1, keepdim=True).clamp_min(EPS)
+    dir_d = flat_d / flat_d.norm(dim=1, keepdim=True).clamp_min(EPS)
+    adr = reflex.beta1 * ((dir_v - dir_d) ** 2).sum(dim=1).sum()  # R3
+    d.report.sum_main, d.report.sum_aux, d.report.n_aux = float(fc.detach()), float(adr.detach()), z0.shape[0]
+    return _finish(d.report, fc + adr, d.scale, backward)

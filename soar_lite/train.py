@@ -29,9 +29,11 @@ from soar_lite.ema import LoraEMA
 from soar_lite.errors import Interrupted, UserError
 from soar_lite.families.base import ModelFamily
 from soar_lite.objective import Draws, LossReport, Rollout, soar_loss
-from soar_lite.objectives import ScheduledDraws, scheduled_loss
+from soar_lite.objectives import ScheduledDraws, reflexflow_loss, scheduled_loss
 from soar_lite.paths import write_text_atomic
 from soar_lite.run_folder import EMA_FILE, METRICS, RUN_CONFIG, RUN_RECORD
+
+ROLLOUT_OBJECTIVES = ("scheduled", "reflexflow")  # objectives trained on scheduled sampling's drifted states
 
 __all__ = ["METRICS", "RUN_CONFIG", "RUN_RECORD", "resolve_model", "resolve_resolution", "train"]
 
@@ -256,7 +258,7 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
         mine = slice(acc.process_index * cfg.batch_size, (acc.process_index + 1) * cfg.batch_size)
         z0_all = run.data.latents_of(rows)
         grid = run.family.noise_grid(tuple(z0_all.shape[-2:]))  # a batch is one bucket: one grid
-        if cfg.objective == "scheduled":
+        if cfg.objective in ROLLOUT_OBJECTIVES:
             draws: Any = ScheduledDraws.sample(z0_all, soar_cfg, cfg.scheduled, run.generator).select(mine)
         else:
             draws = Draws.sample(z0_all, soar_cfg, grid, run.generator).select(mine, soar_cfg)
@@ -274,6 +276,10 @@ def train_step(run: Run, cfg: TrainConfig, state: checkpoint.TrainState) -> Loss
         with acc.no_sync(run.model):
             if cfg.objective == "scheduled":
                 report = scheduled_loss(velocity, z0, cond, uncond, grid, soar_cfg, cfg.scheduled, **common)
+            elif cfg.objective == "reflexflow":
+                report = reflexflow_loss(
+                    velocity, z0, cond, uncond, grid, soar_cfg, cfg.scheduled, cfg.reflexflow, **common
+                )
             else:
                 report = soar_loss(velocity, z0, cond, uncond, grid, soar_cfg, **common)
         _accumulate(totals, report)
@@ -324,10 +330,14 @@ def _rollout(acc: Accelerator, rollout: Rollout) -> Rollout:
 
 def _describe_rollout(cfg: TrainConfig, rollout: Rollout) -> str:
     """The run record's line on what the objective's rollout ran (none for SFT)."""
-    if cfg.objective == "scheduled":
+    if cfg.objective in ROLLOUT_OBJECTIVES:
         steps, p = cfg.scheduled.rollout_steps, cfg.scheduled.rollout_probability
         passes = rollout.describe(replace(cfg.soar, reuse_main_pass=False))  # no main pass to reuse
-        return f"scheduled sampling: up to {steps} Euler steps (p={p:g}), {passes}"
+        line = f"scheduled sampling: up to {steps} Euler steps (p={p:g}), {passes}"
+        if cfg.objective == "reflexflow":
+            r = cfg.reflexflow
+            line += f"; reflexflow alpha={r.alpha:g} beta1={r.beta1:g} beta2={r.beta2:g}, +1 no-grad clean pass"
+        return line
     return rollout.describe(cfg.soar) if cfg.effective_lambda_aux else "none (sft)"
 
 

@@ -53,6 +53,59 @@ def pinned(dtype: torch.dtype, offsets: tuple[int, ...] = PINNED_K, seed: int = 
     return ScheduledDraws(z1, t0, torch.tensor(offsets, dtype=torch.long))
 
 
+def grid_lists() -> tuple[list[float], list[float]]:
+    scheduler = make_scheduler()
+    return [float(s) for s in scheduler.sigmas], [float(t) for t in scheduler.timesteps]
+
+
+def snap(t: float, n_grid: int) -> int:
+    """SOAR.md step 1's grid snapping, restated."""
+    return min(max(math.floor((1.0 - t) * n_grid), 0), n_grid - 1)
+
+
+def f64(net: nn.Module, z: Tensor, t_model: float, c: dict, b: int) -> Tensor:
+    """One sample's prediction in float64."""
+    row = {key: value[b : b + 1].double() for key, value in c.items()}
+    return net(z[None].double(), torch.tensor([t_model], dtype=torch.float64), row)[0]
+
+
+def reference_drift(
+    model: nn.Module,
+    roll_model: nn.Module | None,
+    z0: Tensor,
+    cond: dict,
+    uncond: dict,
+    cfg: SoarConfig,
+    draws: ScheduledDraws,
+    b: int,
+    skip_rollout: bool = False,
+) -> tuple[Tensor, int]:
+    """Steps 1-3 for sample ``b``: the drifted state at the target level and its grid index."""
+    sigmas, timesteps = grid_lists()
+    n_grid = len(sigmas)
+    g = cfg.cfg_scale_sampling
+    x0, noise = z0[b].double(), draws.z1[b].double()
+    t, k = float(draws.t0[b]), int(draws.offsets[b])
+    if skip_rollout:
+        k = 0
+    t_src = min(t + k / cfg.num_sampling_steps, 1.0)
+    s_src = sigmas[snap(t_src, n_grid)]
+    z = (1 - s_src) * x0 + s_src * noise
+    with torch.no_grad():
+        for j in range(k):
+            u_now = t_src + (t - t_src) * j / k
+            u_next = t if j + 1 == k else t_src + (t - t_src) * (j + 1) / k
+            i_now, i_next = snap(u_now, n_grid), snap(u_next, n_grid)
+            if roll_model is None:
+                v_c = f64(model, z, timesteps[i_now], cond, b)
+                v_u = f64(model, z, timesteps[i_now], uncond, b)
+                v = v_u + g * (v_c - v_u)
+            else:
+                v = f64(roll_model, z, timesteps[i_now], cond, b)
+            z = z + v * (sigmas[i_next] - sigmas[i_now])
+    return z, snap(t, n_grid)
+
+
 def reference_scheduled(
     model: nn.Module,
     roll_model: nn.Module | None,
@@ -68,42 +121,13 @@ def reference_scheduled(
     ``roll_model`` None: the rollout is two-pass CFG at cfg_scale_sampling with ``model``; else one
     pass of ``roll_model`` (a family whose sampler runs another velocity). ``skip_rollout`` is the
     negative control (plain SFT on the ideal state)."""
-    scheduler = make_scheduler()
-    sigmas = [float(s) for s in scheduler.sigmas]
-    timesteps = [float(t) for t in scheduler.timesteps]
-    n_grid = len(sigmas)
-    g = cfg.cfg_scale_sampling
-
-    def snap(t: float) -> int:
-        return min(max(math.floor((1.0 - t) * n_grid), 0), n_grid - 1)
-
-    def f(net: nn.Module, z: Tensor, i: int, c: dict, b: int) -> Tensor:
-        row = {key: value[b : b + 1].double() for key, value in c.items()}
-        return net(z[None].double(), torch.tensor([timesteps[i]], dtype=torch.float64), row)[0]
-
+    sigmas, timesteps = grid_lists()
     total = torch.zeros((), dtype=torch.float64)
     for b in range(z0.shape[0]):
-        x0, noise = z0[b].double(), draws.z1[b].double()
-        t, k = float(draws.t0[b]), int(draws.offsets[b])
-        if skip_rollout:
-            k = 0
-        t_src = min(t + k / cfg.num_sampling_steps, 1.0)
-        s_src = sigmas[snap(t_src)]
-        z = (1 - s_src) * x0 + s_src * noise
-        with torch.no_grad():
-            for j in range(k):
-                u_now = t_src + (t - t_src) * j / k
-                u_next = t if j + 1 == k else t_src + (t - t_src) * (j + 1) / k
-                i_now, i_next = snap(u_now), snap(u_next)
-                if roll_model is None:
-                    v_c, v_u = f(model, z, i_now, cond, b), f(model, z, i_now, uncond, b)
-                    v = v_u + g * (v_c - v_u)
-                else:
-                    v = f(roll_model, z, i_now, cond, b)
-                z = z + v * (sigmas[i_next] - sigmas[i_now])
-        i = snap(t)
+        z, i = reference_drift(model, roll_model, z0, cond, uncond, cfg, draws, b, skip_rollout)
+        noise, x0 = draws.z1[b].double(), z0[b].double()
         w = float(compute_loss_weighting_for_sd3(cfg.weighting_scheme, torch.tensor([sigmas[i]])))
-        total = total + w * ((f(model, z, i, cond, b) - (noise - x0)) ** 2).mean()
+        total = total + w * ((f64(model, z, timesteps[i], cond, b) - (noise - x0)) ** 2).mean()
     return total / z0.shape[0]
 
 

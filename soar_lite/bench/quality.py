@@ -1,7 +1,7 @@
 """``soar-lite bench quality``: which exposure-bias objective helps, on the built-in toy, measured alike?
 
 From the shipped tiny base (it draws the shapes its captions ask for: soar_lite/toy/pretrain.py)
-LoRA fine-tunes are trained with every objective named (``--objectives sft,soar,scheduled``) from
+LoRA fine-tunes are trained with every objective named (``--objectives sft,soar,scheduled,reflexflow``) from
 the same base on the same data with the same seeds, steps and settings, plus an SFT arm given
 SOAR's wall-clock time as extra steps (``sft_equal_time``). The built-in data teaches a colour the
 base never saw (orange, two thirds of the images) next to its own world (one third), so there is
@@ -75,8 +75,8 @@ class QualitySettings:
     model: str = "builtin"
     data: str = "builtin"
     preset: str = "cpu-tiny"
-    objectives: tuple[str, ...] = ("sft", "soar", "scheduled")  # one trained arm each
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5)  # 3 were too few to separate the arms (see README)
+    objectives: tuple[str, ...] = ("sft", "soar", "scheduled", "reflexflow")  # one trained arm each
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # 3 were too few to separate the arms (see README)
     steps: int = 150  # the cpu-tiny preset's
     lr: float = 1e-3
     rank: int = 8
