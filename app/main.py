@@ -320,7 +320,9 @@ def train_tab(runs_dir: Path, widgets: Widgets, roots: Roots, max_runs: int) -> 
             model0, label="Model (folder or hub id; builtin = tiny SD3 base)", elem_id="train-model"
         )
         objective = gr.Radio(  # both = sft,soar; a list trains one arm per objective
-            ["sft", "soar", "scheduled", "reflexflow", "both", "sft,soar,scheduled,reflexflow"], value="soar", label="Objective"
+            ["sft", "soar", "scheduled", "reflexflow", "both", "sft,soar,scheduled,reflexflow"],
+            value="soar",
+            label="Objective",
         )
     with gr.Row():
         widgets.data_path.render()

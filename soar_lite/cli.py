@@ -478,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", choices=BENCHES)
             p.add_argument("--output", help="JSON path (default: benchmarks/NAME.json)")
             p.add_argument("knobs", nargs="*", metavar="key=value", help="e.g. repeats=10 ks=1,2,6")
-            p.add_argument("--objectives", help="bench quality: the trained arms, e.g. sft,soar,scheduled,reflexflow")
+            p.add_argument(
+                "--objectives", help="bench quality: the trained arms, e.g. sft,soar,scheduled,reflexflow"
+            )
         if name == "doctor":
             p.add_argument("--json", action="store_true", help="print a machine-readable record instead")
     return parser

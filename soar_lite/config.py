@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 BUILTIN = "builtin"
 ADAPTER_TYPES = ("lora", "dora", "lokr", "loha")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
-OBJECTIVES = ("sft", "soar", "scheduled", "reflexflow")  # one run each; a comma list of them (or both) trains arms
+# one run each; a comma list of them (or both) trains arms
+OBJECTIVES = ("sft", "soar", "scheduled", "reflexflow")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -262,14 +263,15 @@ class ReflexFlowConfig:
     """ReflexFlow as SimpleTuner ships it (``objective=reflexflow``, soar_lite/objectives.py R1-R3), on
     scheduled sampling's rollout (``scheduled.*``). Defaults are SimpleTuner's documented ones."""
 
-    alpha: float = 1.0  # frequency-compensation weight: W = 1 + alpha * exposure / sum|exposure|
-    beta1: float = 10.0  # anti-drift (direction) term's weight
-    beta2: float = 1.0  # frequency-compensated flow loss's weight
+    # SimpleTuner's alpha / beta1 / beta2 (renamed: alpha, beta1, beta2 already name LoRA and Adam knobs)
+    fc_alpha: float = 1.0  # frequency-compensation weights: W = 1 + fc_alpha * exposure / sum|exposure|
+    adr_weight: float = 10.0  # the anti-drift (direction) term's weight (beta1)
+    fc_weight: float = 1.0  # the frequency-compensated flow loss's weight (beta2)
 
     def __post_init__(self) -> None:
-        _positive("reflexflow.alpha", self.alpha, allow_zero=True)
-        _positive("reflexflow.beta1", self.beta1, allow_zero=True)
-        _positive("reflexflow.beta2", self.beta2, allow_zero=True)
+        _positive("reflexflow.fc_alpha", self.fc_alpha, allow_zero=True)
+        _positive("reflexflow.adr_weight", self.adr_weight, allow_zero=True)
+        _positive("reflexflow.fc_weight", self.fc_weight, allow_zero=True)
 
 
 @dataclass
@@ -356,8 +358,8 @@ class ValidationConfig:
 class TrainConfig:
     """One training run. Sub-sections are YAML mappings in presets; knobs are ``key=value`` on the CLI."""
 
-    # sft | soar | scheduled | reflexflow, or a comma list (sft,soar,reflexflow): one arm each into OUTPUT/<arm>,
-    # same data/seeds/steps; both = sft,soar
+    # sft | soar | scheduled | reflexflow, or a comma list (sft,soar,reflexflow): one arm each into
+    # OUTPUT/<arm>, same data/seeds/steps; both = sft,soar
     objective: str = "soar"
     steps: int = 100
     batch_size: int = 4

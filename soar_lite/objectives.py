@@ -38,7 +38,8 @@ project page's opening are stored; the authors' repository is not). What a Simpl
 on by default with scheduled sampling on flow models, is defined by SimpleTuner's
 ``helpers/models/common.py`` (loss) and ``helpers/scheduled_sampling/rollout.py`` (commit bc8e6ab,
 2026-08), read for what it does, not copied, with its documented defaults ``alpha = 1``,
-``beta1 = 10`` ("to mirror the paper"), ``beta2 = 1`` (OPTIONS.md, ``--scheduled_sampling_reflexflow*``).
+``beta1 = 10`` ("to mirror the paper"), ``beta2 = 1`` (OPTIONS.md, ``--scheduled_sampling_reflexflow*``);
+here ``reflexflow.fc_alpha``, ``reflexflow.adr_weight`` and ``reflexflow.fc_weight``.
 On scheduled sampling's drifted state ``z'`` (steps 1-3 above; ``z' = z_t`` where ``k = 0``),
 with ``v = f(z', t, c)`` the trained prediction and ``u = z1 - z0`` the flow target:
 
@@ -241,7 +242,9 @@ def scheduled_loss(
     rollout imitates (``num_sampling_steps``; ``rollout`` as for SOAR, default two-pass CFG at
     ``soar.cfg_scale_sampling``). ``backward``, ``reduce_sum`` and ``world_size`` as in ``soar_loss``.
     """
-    d = _drift(velocity, z0, cond, uncond, grid, soar, sched, rollout, draws, generator, reduce_sum, world_size)
+    d = _drift(
+        velocity, z0, cond, uncond, grid, soar, sched, rollout, draws, generator, reduce_sum, world_size
+    )
     v = velocity(d.z_in, grid.timesteps.to(z0.device)[d.idx0], d.cond)
     main = _weighted_sq_error(v, d.draws.z1 - z0, compute_loss_weighting_for_sd3(soar.weighting_scheme, d.s0))
     d.report.sum_main = float(main.detach())
@@ -268,28 +271,30 @@ def reflexflow_loss(
     """One ReflexFlow step as SimpleTuner ships it (module docstring, steps R1-R3).
 
     The rollout and its draws are scheduled sampling's (the same ``ScheduledDraws``, so the two arms
-    see the same drifted states); ``alpha = beta1 = 0`` with ``beta2 = 1`` is ``scheduled_loss``.
+    see the same drifted states); ``fc_alpha = adr_weight = 0``, ``fc_weight = 1`` is ``scheduled_loss``.
     The report's main term is the frequency-compensated loss, its auxiliary term the anti-drift one
     (one per sample, so ``loss_aux`` is its mean)."""
-    d = _drift(velocity, z0, cond, uncond, grid, soar, sched, rollout, draws, generator, reduce_sum, world_size)
+    d = _drift(
+        velocity, z0, cond, uncond, grid, soar, sched, rollout, draws, generator, reduce_sum, world_size
+    )
     t_model = grid.timesteps.to(z0.device)[d.idx0]
     v = velocity(d.z_in, t_model, d.cond)
     weight = torch.ones_like(v, dtype=torch.float32)
-    if d.walks and reflex.alpha:
+    if d.walks and reflex.fc_alpha:
         walking = torch.nonzero(d.draws.offsets.to(z0.device) > 0).flatten()
         with torch.no_grad():  # R1: the clean prediction, one pass on the ideal states of rolled samples
             clean = velocity(d.z_ideal[walking], t_model[walking], _index(d.cond, walking))
         d.report.nograd_forwards += 1
         exposure = clean.float() - v[walking].detach().float()
         total = exposure.abs().reshape(exposure.shape[0], -1).sum(dim=1).clamp_min(EPS)
-        weight[walking] = 1.0 + reflex.alpha * exposure / _bcast(total, exposure)
+        weight[walking] = 1.0 + reflex.fc_alpha * exposure / _bcast(total, exposure)
     w_s = compute_loss_weighting_for_sd3(soar.weighting_scheme, d.s0)
     err = (v.float() - (d.draws.z1 - z0).float()) ** 2 * weight * _bcast(w_s.float(), weight)
-    fc = reflex.beta2 * err.reshape(err.shape[0], -1).mean(dim=1).sum()  # R2
+    fc = reflex.fc_weight * err.reshape(err.shape[0], -1).mean(dim=1).sum()  # R2
     flat_v = v.float().reshape(v.shape[0], -1)
     flat_d = (d.z_in.float() - z0.float()).reshape(v.shape[0], -1)
     dir_v = flat_v / flat_v.norm(dim=1, keepdim=True).clamp_min(EPS)
     dir_d = flat_d / flat_d.norm(dim=1, keepdim=True).clamp_min(EPS)
-    adr = reflex.beta1 * ((dir_v - dir_d) ** 2).sum(dim=1).sum()  # R3
+    adr = reflex.adr_weight * ((dir_v - dir_d) ** 2).sum(dim=1).sum()  # R3
     d.report.sum_main, d.report.sum_aux, d.report.n_aux = float(fc.detach()), float(adr.detach()), z0.shape[0]
     return _finish(d.report, fc + adr, d.scale, backward)

@@ -46,7 +46,8 @@ CHECKPOINTS = "checkpoints"
 SAMPLES = "samples"
 LOGS = "logs"
 LOCK_FILE = ".soar_lite.lock"
-ARMS = ("sft", "soar", "scheduled", "reflexflow")  # every sub-folder an arm can have: the objectives (config.OBJECTIVES)
+# every sub-folder an arm can have: the objectives (config.OBJECTIVES)
+ARMS = ("sft", "soar", "scheduled", "reflexflow")
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_STEP_PREFIX = ".tmp-step-"
 _TMP_FILE = re.compile(r"^\.tmp-\d+-[0-9a-f]{8}-|\.tmp-\d+$")  # paths.write_text_atomic, lora.atomic_save

@@ -336,7 +336,10 @@ def _describe_rollout(cfg: TrainConfig, rollout: Rollout) -> str:
         line = f"scheduled sampling: up to {steps} Euler steps (p={p:g}), {passes}"
         if cfg.objective == "reflexflow":
             r = cfg.reflexflow
-            line += f"; reflexflow alpha={r.alpha:g} beta1={r.beta1:g} beta2={r.beta2:g}, +1 no-grad clean pass"
+            line += (
+                f"; reflexflow fc_alpha={r.fc_alpha:g} adr_weight={r.adr_weight:g} fc_weight={r.fc_weight:g}"
+            )
+            line += ", +1 no-grad clean pass"
         return line
     return rollout.describe(cfg.soar) if cfg.effective_lambda_aux else "none (sft)"
 

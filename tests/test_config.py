@@ -73,7 +73,7 @@ def test_overrides_apply_and_convert_types() -> None:
         ("objective=dpo", "choose one of: sft, soar, both, scheduled"),
         ("objective=sft,dpo", "or a comma list of them"),
         ("objective=sft,sft", "names an objective twice"),
-        ("reflexflow.beta1=-1", "reflexflow.beta1=-1.0 must be >= 0"),
+        ("reflexflow.adr_weight=-1", "reflexflow.adr_weight=-1.0 must be >= 0"),
         ("scheduled.rollout_probability=1.5", "must be in [0.0, 1.0]"),
         ("scheduled.rollout_steps=-1", "must be >= 0"),
         ("steps=abc", "steps='abc' is not a valid int"),

@@ -32,7 +32,9 @@ from tests.test_objective import (
 from tests.test_objectives import PINNED_K, STEPS, f64, grid_lists, pinned, reference_drift
 
 LOSS_RTOL, GRAD_RTOL, GRAD_SCALED_ATOL = 1e-5, 1e-4, 1e-5
-REFLEX = ReflexFlowConfig(alpha=3.0, beta1=10.0, beta2=0.7)  # alpha large enough for the weights to matter
+REFLEX = ReflexFlowConfig(
+    fc_alpha=3.0, adr_weight=10.0, fc_weight=0.7
+)  # alpha large enough for the weights to matter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,15 +71,15 @@ def reference_reflexflow(
                 z_ideal = (1 - s) * x0 + s * noise
                 clean = f64(model, z_ideal, timesteps[i], cond, b)
                 exposure = clean - f64(model, z_drift, timesteps[i], cond, b)  # R1
-            weight = 1.0 + reflex.alpha * exposure / max(float(exposure.abs().sum()), eps)  # R2
+            weight = 1.0 + reflex.fc_alpha * exposure / max(float(exposure.abs().sum()), eps)  # R2
         w_s = float(compute_loss_weighting_for_sd3(cfg.weighting_scheme, torch.tensor([s])))
-        term = reflex.beta2 * w_s * (weight * (v - (noise - x0)) ** 2).mean()
+        term = reflex.fc_weight * w_s * (weight * (v - (noise - x0)) ** 2).mean()
         if with_adr:
             drift = (z_drift - x0).flatten()
             pred = v.flatten()
             pred_dir = pred / torch.sqrt((pred**2).sum()).clamp_min(eps)
             drift_dir = drift / torch.sqrt((drift**2).sum()).clamp_min(eps)
-            term = term + reflex.beta1 * ((pred_dir - drift_dir) ** 2).sum()  # R3
+            term = term + reflex.adr_weight * ((pred_dir - drift_dir) ** 2).sum()  # R3
         total = total + term
     return total / z0.shape[0]
 
@@ -139,7 +141,7 @@ def test_off_is_scheduled_sampling_bit_for_bit(grid: NoiseGrid) -> None:
     sched = scheduled_loss(model, z0, cond, uncond, grid, soar, ScheduledConfig(3), draws=draws)
     sched.loss.backward()
     sched_grads = grads_of(model)
-    off = ReflexFlowConfig(alpha=0.0, beta1=0.0, beta2=1.0)
+    off = ReflexFlowConfig(fc_alpha=0.0, adr_weight=0.0, fc_weight=1.0)
     loss, grads, _ = run(model, z0, cond, uncond, grid, soar, ScheduledConfig(3), off, draws=draws)
     assert torch.equal(loss, sched.loss.detach())
     assert_grads_equal(grads, sched_grads)

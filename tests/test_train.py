@@ -157,6 +157,25 @@ def test_a_comma_list_trains_one_arm_per_objective_and_scheduled_at_p0_is_the_sf
     assert config.saved_objective(out) == "sft,scheduled,soar"
 
 
+def test_reflexflow_arm_trains_its_own_lora_and_off_is_the_scheduled_arm(
+    tiny_model_dir, tiny_data_dir, tmp_path
+):
+    """scheduled,reflexflow: the same drifted states (same draws), a different LoRA; with alpha = beta1 = 0
+    a reflexflow run gives the scheduled arm's LoRA bit for bit, and its metrics carry the anti-drift term."""
+    knobs = {"steps": 2, "data.cache_dir": tmp_path / "cache", "num_sampling_steps": 4}
+    out = run(tiny_model_dir, tiny_data_dir, tmp_path / "arms", objective="scheduled,reflexflow", **knobs)
+    record = json.loads((out / "reflexflow" / train.RUN_RECORD).read_text())
+    assert "reflexflow fc_alpha=1 adr_weight=10 fc_weight=1" in record["rollout"]
+    loras = {arm: load_file(str(out / arm / LORA_FILE)) for arm in ("scheduled", "reflexflow")}
+    assert any(not torch.equal(loras["scheduled"][k], loras["reflexflow"][k]) for k in loras["scheduled"])
+    metrics = [json.loads(line) for line in (out / "reflexflow" / train.METRICS).read_text().splitlines()]
+    assert all(m["aux_per_sample"] == 1 and m["loss_aux"] > 0 for m in metrics)
+    off = {"reflexflow.fc_alpha": 0.0, "reflexflow.adr_weight": 0.0}
+    same = load_file(str(run(tiny_model_dir, tiny_data_dir, tmp_path / "off", objective="reflexflow",
+                             **off, **knobs) / LORA_FILE))  # fmt: skip
+    assert all(torch.equal(same[k], loras["scheduled"][k]) for k in loras["scheduled"])
+
+
 def test_second_run_reuses_the_cache_without_loading_encoders(
     tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
 ):
